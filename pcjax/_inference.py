@@ -1,0 +1,231 @@
+"""Inference (relaxation): gradient descent of the energy with respect to the free states.
+
+Standard PC differentiates the energy with `jax.grad`:
+
+$$\\frac{\\partial F}{\\partial x_i} = P_i e_i - \\sum_{c \\in \\text{children}(i)}
+\\Big(\\frac{\\partial \\mu_c}{\\partial x_i}\\Big)^{\\!\\top} P_c e_c.$$
+
+Under the fixed-prediction assumption (FPA) the predictions $\\mu$ and their Jacobians are
+frozen at the feedforward values $\\hat x$, so the state gradient is
+$P_i e_i - \\sum_c J_c(\\hat x)^\\top P_c e_c$ with $e = x - \\mu(\\hat x)$: one fixed
+vector-Jacobian product per step. Its equilibrium errors are exactly the backprop gradients of the
+output energy, on any graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._energy import (
+    Precision,
+    checked_values,
+    energy_from_errors,
+    node_energy,
+    weighted_errors,
+)
+from ._tagging import Nodes, forward_init, predictions
+
+Array = jax.Array
+StateGradFn = Callable[[Nodes], tuple[Array, Nodes]]
+
+
+class InferInfo(NamedTuple):
+    """What `pcjax.infer` reports besides the relaxed states.
+
+    - `energy`: the energy at the returned states.
+    - `diverged`: True if the energy became non-finite (NaN/inf) at any step.
+    - `steps`: number of state updates made (`steps`, or fewer when `tol` stopped early).
+    - `energies`: with `record_energy=True`, the energy before each update, shape `(steps,)`
+      (entries after an early stop are NaN); otherwise None.
+    """
+
+    energy: Array
+    diverged: Array
+    steps: Array
+    energies: Array | None = None
+
+
+def check_steps(steps: int, tol: float | None) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"pcjax: `steps` must be a positive int, got {steps!r}.")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"pcjax: `tol` must be None or a non-negative float, got {tol!r}.")
+
+
+def fpa_state_grad_fn(
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    observed: Mapping[str, Array],
+    precision: Mapping[str, Array],
+) -> StateGradFn:
+    """State gradient under the fixed-prediction assumption (linearised at the feedforward pass)."""
+    feedforward = forward_init(fn, params, x)
+    frozen, vjp = jax.vjp(lambda v: predictions(fn, params, v, x), feedforward)
+
+    def value_and_grad(states: Nodes) -> tuple[Array, Nodes]:
+        values = {**states, **observed}
+        errors, weighted = weighted_errors(values, frozen, precision)
+        (back,) = vjp(weighted)
+        grads = {name: weighted[name] - back[name] for name in states}
+        return energy_from_errors(errors, weighted), grads
+
+    return value_and_grad
+
+
+def state_grad_fn(
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    observed: Mapping[str, Array],
+    precision: Mapping[str, Array],
+    fixed_predictions: bool,
+) -> StateGradFn:
+    """`states -> (energy, dF/dstates)` for standard PC or the fixed-prediction assumption."""
+    if fixed_predictions:
+        return fpa_state_grad_fn(fn, params, x, observed, precision)
+    return jax.value_and_grad(
+        lambda states: node_energy(fn, params, {**states, **observed}, x, precision)
+    )
+
+
+def relax(
+    value_and_grad: StateGradFn,
+    states: Nodes,
+    *,
+    steps: int,
+    optimizer: optax.GradientTransformation,
+    tol: float | None,
+    record_energy: bool,
+) -> tuple[Nodes, Array, Array, Array | None]:
+    """Run the state optimizer on the energy.
+
+    Returns the new states, whether the energy went non-finite, the number of updates and the
+    per-step energies (or None). With `tol`, stops once the global norm of the state gradient
+    is at most `tol` (a `lax.while_loop`); otherwise makes exactly `steps` updates
+    (`lax.scan`, memory independent of `steps` unless energies are recorded).
+    """
+    opt_state = optimizer.init(states)
+
+    def update(states, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, states)
+        return optax.apply_updates(states, updates), opt_state
+
+    if tol is None:
+
+        def body(carry, _):
+            states, opt_state, diverged = carry
+            value, grads = value_and_grad(states)
+            states, opt_state = update(states, opt_state, grads)
+            carry = (states, opt_state, diverged | ~jnp.isfinite(value))
+            return carry, value if record_energy else None
+
+        (states, _, diverged), energies = jax.lax.scan(
+            body, (states, opt_state, jnp.array(False)), length=steps
+        )
+        return states, diverged, jnp.asarray(steps, jnp.int32), energies
+
+    value, grads = value_and_grad(states)
+    energies = jnp.full((steps,), jnp.nan, value.dtype) if record_energy else None
+    init = (
+        jnp.asarray(0, jnp.int32),
+        states,
+        opt_state,
+        value,
+        grads,
+        ~jnp.isfinite(value),
+        energies,
+    )
+
+    def cond(carry):
+        i, _, _, _, grads, diverged, _ = carry
+        return (i < steps) & (optax.tree.norm(grads) > tol) & ~diverged
+
+    def while_body(carry):
+        i, states, opt_state, value, grads, diverged, energies = carry
+        if record_energy:
+            energies = energies.at[i].set(value)
+        states, opt_state = update(states, opt_state, grads)
+        value, grads = value_and_grad(states)
+        return i + 1, states, opt_state, value, grads, diverged | ~jnp.isfinite(value), energies
+
+    i, states, _, _, _, diverged, energies = jax.lax.while_loop(cond, while_body, init)
+    return states, diverged, i, energies
+
+
+def default_state_optimizer(
+    optimizer: optax.GradientTransformation | None, step_size: float
+) -> optax.GradientTransformation:
+    if optimizer is not None:
+        return optimizer
+    if not step_size > 0:
+        raise ValueError(f"pcjax: `step_size` must be positive, got {step_size!r}.")
+    return optax.sgd(step_size)
+
+
+DIVERGED_MESSAGE = (
+    "pcjax: the energy became non-finite (NaN/inf) during inference; lower the state step "
+    "size, check the inputs for NaN/inf, or use a more stable state optimizer."
+)
+
+
+def infer(
+    fn: Callable[..., Any],
+    params: Any,
+    states: Mapping[str, Array],
+    x: Any,
+    observed: Mapping[str, Array] | None = None,
+    *,
+    steps: int,
+    optimizer: optax.GradientTransformation | None = None,
+    step_size: float = 0.1,
+    precision: Precision | None = None,
+    fixed_predictions: bool = False,
+    tol: float | None = None,
+    record_energy: bool = False,
+    raise_on_divergence: bool = False,
+) -> tuple[Nodes, InferInfo]:
+    """Relax the free node states by gradient descent on the energy.
+
+    Each step computes $\\partial F / \\partial x$ for the free states (see `pcjax.energy`)
+    and applies `optimizer` to it, inside `lax.scan` (or `lax.while_loop` with `tol`).
+
+    **Arguments** (as for `pcjax.energy`, plus):
+
+    - `steps`: number of updates (the maximum when `tol` is given); a positive int.
+    - `optimizer`: any optax optimizer for the states; default `optax.sgd(step_size)`.
+    - `step_size`: the SGD step size when `optimizer` is None.
+    - `fixed_predictions`: the fixed-prediction assumption: predictions and their Jacobians
+      frozen at the feedforward pass of `fn(params, x)`. With the states initialised by
+      `forward_init`, `step_size=1` and at least as many steps as the graph is deep, the errors
+      equal the backprop gradients of the output energy exactly.
+    - `tol`: stop once the global norm of the state gradient is at most `tol`.
+    - `record_energy`: also return the energy before each update (`info.energies`).
+    - `raise_on_divergence`: raise a runtime error (`eqx.error_if`) instead of only reporting
+      a non-finite energy in `info.diverged`.
+
+    **Returns:** `(states, info)`: the relaxed states and an `InferInfo`.
+    """
+    check_steps(steps, tol)
+    optimizer = default_state_optimizer(optimizer, step_size)
+    observed = {} if observed is None else dict(observed)
+    states = dict(states)
+    _, checked = checked_values(fn, params, states, x, observed, precision)
+    grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions)
+    states, diverged, taken, energies = relax(
+        grad_fn, states, steps=steps, optimizer=optimizer, tol=tol, record_energy=record_energy
+    )
+    if fixed_predictions:
+        final = grad_fn(states)[0]  # the FPA energy uses the frozen predictions
+    else:
+        final = node_energy(fn, params, {**states, **observed}, x, checked)
+    diverged = diverged | ~jnp.isfinite(final)
+    if raise_on_divergence:
+        states = eqx.error_if(states, diverged, DIVERGED_MESSAGE)
+    return states, InferInfo(final, diverged, taken, energies)

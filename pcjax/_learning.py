@@ -1,0 +1,203 @@
+"""Learning: parameter gradients of the energy at the relaxed states, and training steps.
+
+At relaxed states the gradient of $F$ with respect to the parameters $\\theta_i$ of node
+$i$'s prediction is local: $\\partial F / \\partial \\theta_i =
+-(\\partial \\mu_i / \\partial \\theta_i)^\\top P_i e_i$, which for a dense layer
+$\\mu = W f(x) + b$ is the Hebbian rule $\\partial F / \\partial W = -P e\\, f(x)^\\top$.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._energy import Precision, checked_values, node_energy, weighted_errors
+from ._inference import (
+    DIVERGED_MESSAGE,
+    check_steps,
+    default_state_optimizer,
+    relax,
+    state_grad_fn,
+)
+from ._tagging import Nodes, forward_init, predictions
+
+Array = jax.Array
+
+
+def _energy_grads(
+    fn: Callable[..., Any],
+    params: Any,
+    values: Nodes,
+    x: Any,
+    precision: Mapping[str, Array],
+    fixed_predictions: bool,
+) -> tuple[Array, Any]:
+    """Energy and its gradient w.r.t. the inexact-array leaves of `params` (None elsewhere)."""
+    diff, static = eqx.partition(params, eqx.is_inexact_array)
+    if not fixed_predictions:
+        return jax.value_and_grad(
+            lambda d: node_energy(fn, eqx.combine(d, static), values, x, precision)
+        )(diff)
+    # FPA: the predictions' parameter Jacobians are taken at the feedforward states.
+    feedforward = forward_init(fn, params, x)
+    frozen, vjp = jax.vjp(lambda d: predictions(fn, eqx.combine(d, static), feedforward, x), diff)
+    errors, weighted = weighted_errors(values, frozen, precision)
+    (grads,) = vjp(jax.tree.map(jnp.negative, weighted))
+    value = 0.5 * sum(jnp.sum(errors[k] * weighted[k]) for k in errors)
+    return value, grads
+
+
+def param_grads(
+    fn: Callable[..., Any],
+    params: Any,
+    states: Mapping[str, Array],
+    x: Any,
+    observed: Mapping[str, Array] | None = None,
+    *,
+    precision: Precision | None = None,
+    fixed_predictions: bool = False,
+) -> Any:
+    """Gradient of the energy with respect to the parameters, at the given (relaxed) states.
+
+    $$\\frac{\\partial F}{\\partial \\theta} = -\\sum_i
+    \\Big(\\frac{\\partial \\mu_i}{\\partial \\theta}\\Big)^{\\!\\top} P_i e_i .$$
+
+    The energy is summed over the batch, so are these gradients (divide by the batch size for a
+    mean). Works with any pytree of parameters, equinox modules included: the result has the
+    structure of `params`, with None at leaves that are not floating-point arrays (as
+    `eqx.filter_grad`). With `fixed_predictions=True` the predictions and their Jacobians are
+    those of the feedforward pass of `fn(params, x)` (the fixed-prediction assumption).
+    """
+    values, checked = checked_values(fn, params, dict(states), x, observed, precision)
+    return _energy_grads(fn, params, values, x, checked, fixed_predictions)[1]
+
+
+class TrainInfo(NamedTuple):
+    """What `pcjax.train_step` reports.
+
+    - `energy`: the energy at the relaxed states (before the parameter update).
+    - `diverged`: True if the energy became non-finite during inference or at the end.
+    - `inference_steps`: the number of state updates made.
+    """
+
+    energy: Array
+    diverged: Array
+    inference_steps: Array
+
+
+def _batch_size(observed: Mapping[str, Array]) -> int:
+    sizes = {name: v.shape[0] for name, v in observed.items() if jnp.ndim(v) >= 1}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"pcjax: observed nodes disagree on the batch size (leading axis): {sizes}."
+        )
+    return next(iter(sizes.values()), 1)
+
+
+def train_step(
+    fn: Callable[..., Any],
+    params: Any,
+    opt_state: optax.OptState,
+    x: Any,
+    observed: Mapping[str, Array],
+    *,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    state_optimizer: optax.GradientTransformation | None = None,
+    step_size: float = 0.1,
+    precision: Precision | None = None,
+    fixed_predictions: bool = False,
+    incremental: bool = False,
+    tol: float | None = None,
+    mean_over_batch: bool = True,
+    raise_on_divergence: bool = False,
+) -> tuple[Any, optax.OptState, TrainInfo]:
+    """One PC training step: feedforward initialisation, inference, then a parameter update.
+
+    1. the free states (every tagged node not in `observed`) start at the feedforward pass;
+    2. `steps` inference updates with `state_optimizer` (default `optax.sgd(step_size)`);
+    3. the parameter gradient of the energy at the relaxed states is handed to `optimizer`.
+
+    With `incremental=True` this is incremental PC (iPC; Salvatori et al. 2024, "A stable,
+    fast, and fully automatic learning algorithm for predictive coding networks"): the
+    parameters are updated by `optimizer` at every inference step, from the same backward pass
+    as the state update, and there is no separate final update.
+
+    With `mean_over_batch=True` (default) the parameter gradients are divided by the batch
+    size, the leading axis of the observed nodes, so that the learning rate does not depend on
+    it; the state updates never depend on it (the energy is a per-sample sum).
+
+    Initialise the optimizer state with `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`.
+    Jit it with the static options bound, e.g.
+    `jax.jit(functools.partial(pcjax.train_step, fn, optimizer=opt, steps=20))`
+    (`eqx.filter_jit` when `params` holds non-array leaves).
+
+    **Returns:** `(params, opt_state, info)` with a `TrainInfo`.
+    """
+    check_steps(steps, tol)
+    if incremental and tol is not None:
+        raise ValueError("pcjax: `tol` is not supported with `incremental=True`.")
+    state_optimizer = default_state_optimizer(state_optimizer, step_size)
+    observed = dict(observed)
+    states = {k: v for k, v in forward_init(fn, params, x).items() if k not in observed}
+    _values, checked = checked_values(fn, params, states, x, observed, precision)
+    scale = 1.0 / _batch_size(observed) if mean_over_batch else 1.0
+
+    def apply(params, opt_state, grads):
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = optimizer.update(
+            grads, opt_state, eqx.filter(params, eqx.is_inexact_array)
+        )
+        return eqx.apply_updates(params, updates), opt_state
+
+    if incremental:
+        params, opt_state, states, diverged = _incremental(
+            fn, params, opt_state, states, x, observed, checked, steps, state_optimizer, apply
+        )
+        value = node_energy(fn, params, {**states, **observed}, x, checked)
+        taken = jnp.asarray(steps, jnp.int32)
+    else:
+        grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions)
+        states, diverged, taken, _ = relax(
+            grad_fn,
+            states,
+            steps=steps,
+            optimizer=state_optimizer,
+            tol=tol,
+            record_energy=False,
+        )
+        value, grads = _energy_grads(
+            fn, params, {**states, **observed}, x, checked, fixed_predictions
+        )
+        params, opt_state = apply(params, opt_state, grads)
+    diverged = diverged | ~jnp.isfinite(value)
+    if raise_on_divergence:
+        params = eqx.error_if(params, diverged, DIVERGED_MESSAGE)
+    return params, opt_state, TrainInfo(value, diverged, taken)
+
+
+def _incremental(fn, params, opt_state, states, x, observed, precision, steps, state_opt, apply):
+    """iPC: states and parameters descend the energy together, one joint backward pass a step."""
+    diff, static = eqx.partition(params, eqx.is_inexact_array)
+
+    def joint_energy(diff, states):
+        values = {**states, **observed}
+        return node_energy(fn, eqx.combine(diff, static), values, x, precision)
+
+    def body(carry, _):
+        diff, opt_state, states, state_opt_state, diverged = carry
+        value, (param_grads, state_grads) = jax.value_and_grad(joint_energy, (0, 1))(diff, states)
+        updates, state_opt_state = state_opt.update(state_grads, state_opt_state, states)
+        states = optax.apply_updates(states, updates)
+        params, opt_state = apply(eqx.combine(diff, static), opt_state, param_grads)
+        diff = eqx.filter(params, eqx.is_inexact_array)
+        return (diff, opt_state, states, state_opt_state, diverged | ~jnp.isfinite(value)), None
+
+    init = (diff, opt_state, states, state_opt.init(states), jnp.array(False))
+    (diff, opt_state, states, _, diverged), _ = jax.lax.scan(body, init, length=steps)
+    return eqx.combine(diff, static), opt_state, states, diverged

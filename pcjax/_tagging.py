@@ -1,0 +1,145 @@
+"""Tagging intermediate values of a JAX function as predictive-coding nodes.
+
+A forward function becomes a PC network by wrapping the values that should be nodes in
+`pcjax.node(name, value)`. Outside pcjax this is the identity. Inside pcjax a *tape* is active
+for the duration of one call of the function: it records each tagged `value` (the node's
+prediction mu, computed from whatever its parents returned) and hands back the node's own state
+x instead, so one call yields every node's prediction from its parents' *states*.
+
+The tape lives in a `contextvars.ContextVar` that is set only while pcjax traces the user's
+function, so it works unchanged under `jax.jit`, `jax.vmap`, `jax.grad` and `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Nodes = dict[str, Array]
+
+
+class _Tape:
+    """Records node predictions during one call of a tagged function.
+
+    `values` maps node names to the states substituted for them (`None`: substitute nothing,
+    every node keeps its feedforward value).
+    """
+
+    def __init__(self, values: Mapping[str, Array] | None):
+        self.values = values
+        self.predictions: Nodes = {}
+
+    def visit(self, name: str, value: Array) -> Array:
+        if not isinstance(name, str):
+            raise TypeError(f"pcjax.node: the node name must be a str, got {name!r}.")
+        if name in self.predictions:
+            raise ValueError(
+                f"pcjax.node: node {name!r} is tagged twice in one call of the function; "
+                "every node needs a unique name (e.g. add the layer index)."
+            )
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"pcjax.node: node {name!r} must tag one array, got {type(value).__name__}. "
+                "Tag each array of a pytree as its own node."
+            )
+        value = jnp.asarray(value)
+        self.predictions[name] = value
+        if self.values is None or name not in self.values:
+            return value
+        state = self.values[name]
+        if jnp.shape(state) != value.shape:
+            raise ValueError(
+                f"pcjax: the state of node {name!r} has shape {jnp.shape(state)} but its "
+                f"prediction has shape {value.shape}; states must match the predictions "
+                "(use pcjax.forward_init to get correctly shaped states)."
+            )
+        return state
+
+
+_active_tape: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
+    "pcjax_active_tape", default=None
+)
+
+
+def node(name: str, value: Array) -> Array:
+    """Tag `value` as the prediction of the PC node `name`.
+
+    Called outside pcjax this returns `value` unchanged, so a tagged function is still an
+    ordinary JAX function. Inside pcjax (`energy`, `infer`, `forward_init`, ...) `value` is
+    recorded as the node's prediction $\\mu_{\\text{name}}$ and the node's current state
+    $x_{\\text{name}}$ is returned in its place, so that downstream computation (the children
+    of the node) is driven by the state, not by the prediction.
+
+    **Arguments:**
+
+    - `name`: a name unique within one call of the function.
+    - `value`: one array, the prediction of the node computed from its parents.
+
+    **Returns:** `value`, or the node's state when pcjax substitutes states.
+
+    Tag at the level of the function handed to pcjax: a `pcjax.node` call inside a `jax.jit`
+    or `jax.vmap` *nested in* that function would record values of the inner trace. To apply a
+    per-sample function to a batch, vmap the pcjax call instead (the energy is a sum over
+    samples).
+    """
+    tape = _active_tape.get()
+    if tape is None:
+        return value
+    return tape.visit(name, value)
+
+
+@contextlib.contextmanager
+def _tape(values: Mapping[str, Array] | None) -> Iterator[_Tape]:
+    tape = _Tape(values)
+    token = _active_tape.set(tape)
+    try:
+        yield tape
+    finally:
+        _active_tape.reset(token)
+
+
+def run_tagged(
+    fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None
+) -> tuple[Any, Nodes]:
+    """Call `fn(params, x)` with the node states in `values` substituted.
+
+    Returns the function's output and the dict of every tagged node's prediction.
+    Raises if `values` names a node the function does not tag.
+    """
+    with _tape(values) as tape:
+        out = fn(params, x)
+    if not tape.predictions:
+        raise ValueError(
+            "pcjax: the function tagged no node; wrap intermediate values in "
+            "pcjax.node(name, value) to make them PC nodes."
+        )
+    if values is not None:
+        unknown = sorted(set(values) - set(tape.predictions))
+        if unknown:
+            raise ValueError(
+                f"pcjax: unknown node(s) {unknown}; the function tags {sorted(tape.predictions)}."
+            )
+    return out, tape.predictions
+
+
+def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
+    """Feedforward values of every tagged node of `fn(params, x)`.
+
+    These are the usual initial states for inference: with them, every latent prediction error
+    is zero and only clamped (observed) nodes carry error.
+
+    **Returns:** a dict mapping node names to arrays.
+    """
+    _, predictions = run_tagged(fn, params, x, None)
+    return predictions
+
+
+def predictions(fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any) -> Nodes:
+    """Every node's prediction $\\mu_i = g_i(\\text{parents' states})$, given all node states."""
+    return run_tagged(fn, params, x, values)[1]

@@ -1,0 +1,177 @@
+"""Data sets: MNIST from its canonical IDX files, and a small bundled fallback.
+
+`load_mnist` looks for the four canonical files (`train-images-idx3-ubyte.gz`, ...) in a
+directory (the `data_dir` argument, else the `PCJAX_DATA_DIR` environment variable, else
+`~/.cache/pcjax`), directly or in a `mnist/` subfolder. Missing files are downloaded from the
+mirrors in turn, checked against the SHA-256 of the original (uncompressed) files and written
+atomically; with no network a `DatasetUnavailableError` says where to put the files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+DATA_DIR_ENV = "PCJAX_DATA_DIR"
+
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+# SHA-256 of the *uncompressed* original files: re-compressed copies stay valid.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The data set is neither on disk nor downloadable."""
+
+
+class Dataset(NamedTuple):
+    """Images as float32 in [0, 1], shape `(n, height, width)`; labels as int32, shape `(n,)`."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """`data_dir`, else `$PCJAX_DATA_DIR`, else `$XDG_CACHE_HOME/pcjax` (`~/.cache/pcjax`)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pcjax"
+
+
+def _find(directory: Path, filename: str) -> Path | None:
+    for candidate in (directory / filename, directory / "mnist" / filename):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(filename: str, target: Path, mirrors: Sequence[str], timeout: float) -> None:
+    """Fetch `filename` from the first mirror that serves the right content; write atomically."""
+    expected = MNIST_SHA256[filename.removesuffix(".gz")]
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + filename
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                payload = response.read()
+            digest = hashlib.sha256(gzip.decompress(payload)).hexdigest()
+        except (OSError, EOFError, urllib.error.URLError) as error:
+            failures.append(f"{url}: {error}")
+            continue
+        if digest != expected:
+            failures.append(f"{url}: wrong content (SHA-256 {digest}, expected {expected})")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    raise DatasetUnavailableError(
+        f"MNIST file {filename} is not in {target.parent} and could not be downloaded:\n  "
+        + "\n  ".join(failures)
+        + f"\nPut the four MNIST .gz files in a directory and pass it as `data_dir` "
+        f"(or --data-dir), or set {DATA_DIR_ENV}."
+    )
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != expected_dims:
+        raise ValueError(f"{path} is not an IDX file of uint8 with {expected_dims} dimension(s).")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(raw[3]))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * len(shape))
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {data.size} values.")
+    return data.reshape(shape)
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    mirrors: Sequence[str] = MIRRORS,
+    timeout: float = 30.0,
+) -> Dataset:
+    """MNIST: 60,000 training and 10,000 test images of handwritten digits, 28 x 28.
+
+    **Arguments:**
+
+    - `data_dir`: directory holding the four `.gz` files (or a `mnist/` folder with them);
+      default `$PCJAX_DATA_DIR`, else `~/.cache/pcjax`. Downloads are cached there.
+    - `download`: fetch missing files from `mirrors`; if False, a missing file is an error.
+    - `mirrors`: base URLs tried in turn.
+    - `timeout`: seconds per request.
+
+    **Raises:** `DatasetUnavailableError` if a file is missing and cannot be downloaded.
+    """
+    directory = default_data_dir(data_dir)
+    arrays = {}
+    for name in MNIST_SHA256:
+        filename = name + ".gz"
+        path = _find(directory, filename)
+        if path is None:
+            if not download:
+                raise DatasetUnavailableError(
+                    f"MNIST file {filename} is not in {directory} (nor {directory / 'mnist'}) "
+                    "and download=False."
+                )
+            path = directory / filename
+            _download(filename, path, mirrors, timeout)
+        arrays[name] = _read_idx(path, 3 if "images" in name else 1)
+    return Dataset(
+        x_train=arrays["train-images-idx3-ubyte"].astype(np.float32) / 255.0,
+        y_train=arrays["train-labels-idx1-ubyte"].astype(np.int32),
+        x_test=arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255.0,
+        y_test=arrays["t10k-labels-idx1-ubyte"].astype(np.int32),
+        name="MNIST",
+    )
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """The UCI optical-recognition handwritten digits (1,797 images, 8 x 8, 10 classes).
+
+    A small real data set that needs no download: it ships inside scikit-learn (install the
+    `demo` extra). Split at random (fixed `seed`) into train and test sets.
+    """
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:
+        raise DatasetUnavailableError(
+            "the bundled digits data set needs scikit-learn: pip install 'pcjax[demo]'"
+        ) from error
+    bunch = sklearn_digits()
+    images = (bunch.images / 16.0).astype(np.float32)
+    labels = bunch.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = round(test_fraction * len(labels))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(images[train], labels[train], images[test], labels[test], name="UCI digits")
