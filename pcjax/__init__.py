@@ -7,18 +7,47 @@ the network's free energy, relaxes its states and learns its parameters with pla
 from ._energy import energy, prediction_errors
 from ._inference import InferInfo, infer
 from ._learning import TrainInfo, param_grads, train_step
-from ._tagging import forward_init, node
+from ._natural import (
+    FisherOperator,
+    KroneckerFactors,
+    NaturalGradientState,
+    fisher_statistics,
+    natural_gradient,
+    precision_weighted_gradient,
+)
+from ._precision import (
+    DiagonalPrecision,
+    FullPrecision,
+    Precision,
+    ScalarPrecision,
+    error_moments,
+    update_precision_ema,
+)
+from ._tagging import dense, forward_init, node
 
 __all__ = [
+    "DiagonalPrecision",
+    "FisherOperator",
+    "FullPrecision",
     "InferInfo",
+    "KroneckerFactors",
+    "NaturalGradientState",
+    "Precision",
+    "ScalarPrecision",
     "TrainInfo",
+    "dense",
     "energy",
+    "error_moments",
+    "fisher_statistics",
     "forward_init",
     "infer",
+    "natural_gradient",
     "node",
     "param_grads",
+    "precision_weighted_gradient",
     "prediction_errors",
     "train_step",
+    "update_precision_ema",
 ]
 
 __version__ = "0.1.0"

@@ -1,14 +1,15 @@
 """The variational free energy of a tagged PC network and its prediction errors.
 
 For nodes $i$ with states $x_i$, predictions $\\mu_i = g_i(\\text{parents})$, errors
-$e_i = x_i - \\mu_i$ and fixed precisions $P_i$ (scalar or per feature),
+$e_i = x_i - \\mu_i$ and precisions $P_i$,
 
-$$F = \\sum_i \\tfrac12 \\sum_{b,k} P_{i,k}\\, e_{i,bk}^2,$$
+$$F = \\sum_i \\Big[\\tfrac12 \\sum_n e_{i,n}^\\top P_i\\, e_{i,n}
+      - \\tfrac{N_i}{2} \\log\\det P_i\\Big],$$
 
-summed over the batch $b$ as well as the features $k$, so that each sample's states see only
-their own energy and the state step size does not depend on the batch size. (For fixed
-precisions the $-\\tfrac12 \\log\\det P_i$ term of the Gaussian free energy is a constant and is
-left out.)
+summed over the error vectors $n$ (the batch), so that each sample's states see only their own
+energy and the state step size does not depend on the batch size. The log-det term is included
+for precision modules (`pcjax.ScalarPrecision`, ...) and left out for fixed precision arrays,
+for which it is a constant (see `pcjax._precision`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._precision import Precision as PrecisionModule
+from ._precision import _concrete, logdet_term, weigh
 from ._tagging import Nodes, predictions, run_tagged
 
 Array = jax.Array
-Precision = Mapping[str, Any]
+#: `precision` arguments: a dict of node name -> precision, or a function of the parameters
+#: returning one (for precisions learned with the parameters).
+Precision = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
 
 
 def merge_nodes(states: Mapping[str, Array], observed: Mapping[str, Array] | None) -> Nodes:
@@ -49,28 +54,68 @@ def check_partition(predicted: Mapping[str, Array], values: Mapping[str, Array])
         )
 
 
-def _concrete(value: Array) -> np.ndarray | None:
-    """The value as a NumPy array, or None while it is being traced."""
-    try:
-        return np.asarray(value)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def check_precision(precision: Precision | None, predicted: Mapping[str, Array]) -> Nodes:
-    """Validate fixed precisions against the nodes' predictions.
-
-    Each precision must be positive and broadcast to its node's shape without enlarging it:
-    a scalar, or a per-feature array such as shape `(features,)` for a `(batch, features)`
-    node. Concrete values are checked at trace time (`ValueError`); traced values are checked
-    at run time with `eqx.error_if`.
-    """
+def resolve_precision(precision: Precision | None, params: Any) -> Mapping[str, Any]:
+    """The precision dict, calling `precision(params)` when it is a function."""
     if precision is None:
         return {}
+    if callable(precision) and not isinstance(precision, Mapping):
+        precision = precision(params)
     if not isinstance(precision, Mapping):
         raise TypeError(
-            f"pcjax: `precision` must map node names to precisions, got {type(precision).__name__}."
+            "pcjax: `precision` must map node names to precisions (or be a function of the "
+            f"parameters returning such a dict), got {type(precision).__name__}."
         )
+    return precision
+
+
+def _check_array_precision(name: str, value: Any, shape: tuple[int, ...]) -> Array:
+    value = jnp.asarray(value)
+    try:
+        fits = jnp.broadcast_shapes(value.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        hint = " (a full matrix? use pcjax.FullPrecision(matrix))" if value.ndim == 2 else ""
+        raise ValueError(
+            f"pcjax: the precision of node {name!r} has shape {value.shape}, which does not "
+            f"broadcast to the node's shape {shape}; use a scalar or a per-feature array "
+            f"such as shape {shape[-1:]}{hint}."
+        )
+    concrete = _concrete(value)
+    message = f"pcjax: the precision of node {name!r} must be positive"
+    if concrete is None:
+        return eqx.error_if(value, jnp.any(value <= 0) | ~jnp.all(jnp.isfinite(value)), message)
+    if not (np.all(concrete > 0) and np.all(np.isfinite(concrete))):
+        raise ValueError(f"{message}; its smallest entry is {concrete.min()!r}.")
+    return value
+
+
+def _check_module_precision(name: str, module: PrecisionModule, shape: tuple[int, ...]):
+    problem = module.fits(shape)
+    if problem is not None:
+        raise ValueError(
+            f"pcjax: the precision of node {name!r} is {problem}, which does not fit the "
+            f"node's shape {shape}."
+        )
+    for leaf in jax.tree.leaves(module):
+        concrete = _concrete(leaf)
+        if concrete is not None and not np.all(np.isfinite(concrete)):
+            raise ValueError(
+                f"pcjax: the precision of node {name!r} has non-finite parameters "
+                "(it is not positive definite)."
+            )
+    return module
+
+
+def check_precision(
+    precision: Mapping[str, Any], predicted: Mapping[str, jax.ShapeDtypeStruct]
+) -> dict[str, Any]:
+    """Validate precisions against the nodes' predictions, naming the node on failure.
+
+    Fixed arrays must be positive and broadcast to the node's shape without enlarging it;
+    modules must fit the node's trailing axes. Concrete values are checked at trace time
+    (`ValueError`); traced fixed arrays at run time with `eqx.error_if`.
+    """
     unknown = sorted(set(precision) - set(predicted))
     if unknown:
         raise ValueError(
@@ -79,43 +124,32 @@ def check_precision(precision: Precision | None, predicted: Mapping[str, Array])
         )
     checked = {}
     for name, value in precision.items():
-        value = jnp.asarray(value)
-        shape = predicted[name].shape
-        try:
-            fits = jnp.broadcast_shapes(value.shape, shape) == shape
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"pcjax: the precision of node {name!r} has shape {value.shape}, which does not "
-                f"broadcast to the node's shape {shape}; use a scalar or a per-feature array "
-                f"such as shape {shape[-1:]}."
-            )
-        concrete = _concrete(value)
-        message = f"pcjax: the precision of node {name!r} must be positive"
-        if concrete is None:
-            value = eqx.error_if(
-                value, jnp.any(value <= 0) | ~jnp.all(jnp.isfinite(value)), message
-            )
-        elif not (np.all(concrete > 0) and np.all(np.isfinite(concrete))):
-            raise ValueError(f"{message}; its smallest entry is {concrete.min()!r}.")
-        checked[name] = value
+        shape = tuple(predicted[name].shape)
+        if isinstance(value, PrecisionModule):
+            checked[name] = _check_module_precision(name, value, shape)
+        else:
+            checked[name] = _check_array_precision(name, value, shape)
     return checked
 
 
 def weighted_errors(
-    values: Mapping[str, Array], predicted: Mapping[str, Array], precision: Mapping[str, Array]
+    values: Mapping[str, Array], predicted: Mapping[str, Array], precision: Mapping[str, Any]
 ) -> tuple[Nodes, Nodes]:
     """Errors $e_i = x_i - \\mu_i$ and precision-weighted errors $P_i e_i$ of every node."""
     errors = {name: values[name] - mu for name, mu in predicted.items()}
-    weighted = {name: e * precision[name] if name in precision else e for name, e in errors.items()}
+    weighted = {
+        name: weigh(precision[name], e) if name in precision else e for name, e in errors.items()
+    }
     return errors, weighted
 
 
-def energy_from_errors(errors: Mapping[str, Array], weighted: Mapping[str, Array]) -> Array:
-    """$F = \\sum_i \\tfrac12 e_i \\cdot P_i e_i$ from errors and weighted errors."""
-    terms = [jnp.sum(errors[name] * weighted[name]) for name in errors]
-    return 0.5 * sum(terms[1:], terms[0])
+def energy_from_errors(
+    errors: Mapping[str, Array], weighted: Mapping[str, Array], precision: Mapping[str, Any]
+) -> Array:
+    """$F = \\sum_i \\tfrac12 e_i \\cdot P_i e_i$ (+ the log-det terms of precision modules)."""
+    terms = [0.5 * jnp.sum(errors[name] * weighted[name]) for name in errors]
+    terms += [logdet_term(p, errors[name]) for name, p in precision.items()]
+    return sum(terms[1:], terms[0])
 
 
 def checked_values(
@@ -125,7 +159,7 @@ def checked_values(
     x: Any,
     observed: Mapping[str, Array] | None,
     precision: Precision | None,
-) -> tuple[Nodes, Nodes]:
+) -> tuple[Nodes, dict[str, Any]]:
     """Validate the node values and precisions once, at trace time, before a loop uses them.
 
     Returns all node values (states and observed) and the checked precisions.
@@ -133,7 +167,7 @@ def checked_values(
     values = merge_nodes(states, observed)
     predicted = jax.eval_shape(lambda: predictions(fn, params, values, x))
     check_partition(predicted, values)
-    return values, check_precision(precision, predicted)
+    return values, check_precision(resolve_precision(precision, params), predicted)
 
 
 def node_energy(
@@ -141,11 +175,12 @@ def node_energy(
     params: Any,
     values: Mapping[str, Array],
     x: Any,
-    precision: Mapping[str, Array],
+    precision: Mapping[str, Any],
 ) -> Array:
     """The energy for already validated node values and precisions (the inner-loop form)."""
     predicted = predictions(fn, params, values, x)
-    return energy_from_errors(*weighted_errors(values, predicted, precision))
+    errors, weighted = weighted_errors(values, predicted, precision)
+    return energy_from_errors(errors, weighted, precision)
 
 
 def energy(
@@ -159,11 +194,13 @@ def energy(
 ) -> Array:
     """Variational free energy of the PC network `fn` at the given node states.
 
-    $$F = \\sum_i \\tfrac12 \\sum_{\\text{batch, features}} P_i\\,(x_i - \\mu_i)^2,
-    \\qquad \\mu_i = g_i(\\text{states of the parents of } i),$$
+    $$F = \\sum_i \\Big[\\tfrac12 \\sum_n e_{i,n}^\\top P_i\\, e_{i,n}
+          - \\tfrac{N_i}{2}\\log\\det P_i\\Big], \\qquad e_i = x_i - \\mu_i,\\quad
+          \\mu_i = g_i(\\text{states of the parents of } i),$$
 
     where the predictions $\\mu_i$ are the values tagged by `pcjax.node` when `fn(params, x)`
-    runs with every tagged node replaced by its state.
+    runs with every tagged node replaced by its state, and the log-det term is present for
+    precision modules only.
 
     **Arguments:**
 
@@ -173,8 +210,10 @@ def energy(
     - `x`: the input of `fn` (any pytree, or None).
     - `observed`: dict of the clamped node values (e.g. the label node during training).
       Every tagged node must be in exactly one of `states` and `observed`.
-    - `precision`: dict mapping node names to fixed positive precisions, scalar or per feature
-      (default 1 for every node).
+    - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
+      positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
+      `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
+      stored in (and learned with) the parameters.
 
     **Returns:** the scalar energy, summed over nodes and batch.
     """
@@ -191,7 +230,7 @@ def prediction_errors(
 ) -> Nodes:
     """Every node's prediction error $e_i = x_i - \\mu_i$ (same arguments as `energy`).
 
-    Multiply by the node's precision for the precision-weighted error $P_i e_i$.
+    Weigh them by the node's precision for the precision-weighted errors $P_i e_i$.
     """
     values = merge_nodes(states, observed)
     _, predicted = run_tagged(fn, params, x, values)

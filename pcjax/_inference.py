@@ -29,6 +29,7 @@ from ._energy import (
     node_energy,
     weighted_errors,
 )
+from ._precision import solve
 from ._tagging import Nodes, forward_init, predictions
 
 Array = jax.Array
@@ -74,7 +75,7 @@ def fpa_state_grad_fn(
         errors, weighted = weighted_errors(values, frozen, precision)
         (back,) = vjp(weighted)
         grads = {name: weighted[name] - back[name] for name in states}
-        return energy_from_errors(errors, weighted), grads
+        return energy_from_errors(errors, weighted, precision), grads
 
     return value_and_grad
 
@@ -86,13 +87,26 @@ def state_grad_fn(
     observed: Mapping[str, Array],
     precision: Mapping[str, Array],
     fixed_predictions: bool,
+    precondition: bool = False,
 ) -> StateGradFn:
-    """`states -> (energy, dF/dstates)` for standard PC or the fixed-prediction assumption."""
+    """`states -> (energy, dF/dstates)` for standard PC or the fixed-prediction assumption.
+
+    With `precondition`, each node's gradient is multiplied by its precision's inverse.
+    """
     if fixed_predictions:
-        return fpa_state_grad_fn(fn, params, x, observed, precision)
-    return jax.value_and_grad(
-        lambda states: node_energy(fn, params, {**states, **observed}, x, precision)
-    )
+        grad_fn = fpa_state_grad_fn(fn, params, x, observed, precision)
+    else:
+        grad_fn = jax.value_and_grad(
+            lambda states: node_energy(fn, params, {**states, **observed}, x, precision)
+        )
+    if not precondition:
+        return grad_fn
+
+    def preconditioned(states: Nodes) -> tuple[Array, Nodes]:
+        value, grads = grad_fn(states)
+        return value, {k: solve(precision[k], g) if k in precision else g for k, g in grads.items()}
+
+    return preconditioned
 
 
 def relax(
@@ -187,6 +201,7 @@ def infer(
     step_size: float = 0.1,
     precision: Precision | None = None,
     fixed_predictions: bool = False,
+    precondition: bool = False,
     tol: float | None = None,
     record_energy: bool = False,
     raise_on_divergence: bool = False,
@@ -205,6 +220,9 @@ def infer(
       frozen at the feedforward pass of `fn(params, x)`. With the states initialised by
       `forward_init`, `step_size=1` and at least as many steps as the graph is deep, the errors
       equal the backprop gradients of the output energy exactly.
+    - `precondition`: "natural" inference: scale each node's state gradient by the inverse of
+      its own precision, $P_i^{-1} \\partial F / \\partial x_i$, so that the node's own error
+      term relaxes at a rate independent of $P_i$.
     - `tol`: stop once the global norm of the state gradient is at most `tol`.
     - `record_energy`: also return the energy before each update (`info.energies`).
     - `raise_on_divergence`: raise a runtime error (`eqx.error_if`) instead of only reporting
@@ -217,7 +235,7 @@ def infer(
     observed = {} if observed is None else dict(observed)
     states = dict(states)
     _, checked = checked_values(fn, params, states, x, observed, precision)
-    grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions)
+    grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
     states, diverged, taken, energies = relax(
         grad_fn, states, steps=steps, optimizer=optimizer, tol=tol, record_energy=record_energy
     )

@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._energy import Precision, checked_values, node_energy, weighted_errors
+from ._energy import (
+    Precision,
+    checked_values,
+    energy_from_errors,
+    node_energy,
+    resolve_precision,
+    weighted_errors,
+)
 from ._inference import (
     DIVERGED_MESSAGE,
     check_steps,
@@ -24,6 +31,8 @@ from ._inference import (
     relax,
     state_grad_fn,
 )
+from ._natural import fisher_statistics, uses_fisher
+from ._precision import solve
 from ._tagging import Nodes, forward_init, predictions
 
 Array = jax.Array
@@ -34,22 +43,39 @@ def _energy_grads(
     params: Any,
     values: Nodes,
     x: Any,
-    precision: Mapping[str, Array],
+    precision: Mapping[str, Any],
     fixed_predictions: bool,
+    learnable: Precision | None = None,
 ) -> tuple[Array, Any]:
-    """Energy and its gradient w.r.t. the inexact-array leaves of `params` (None elsewhere)."""
+    """Energy and its gradient w.r.t. the inexact-array leaves of `params` (None elsewhere).
+
+    `precision` holds the checked precisions; `learnable`, when it is a function of the
+    parameters, is called inside the differentiated function so that they get gradients.
+    """
     diff, static = eqx.partition(params, eqx.is_inexact_array)
+    learned = callable(learnable) and not isinstance(learnable, Mapping)
+
+    def precision_of(d):
+        return resolve_precision(learnable, eqx.combine(d, static)) if learned else precision
+
     if not fixed_predictions:
         return jax.value_and_grad(
-            lambda d: node_energy(fn, eqx.combine(d, static), values, x, precision)
+            lambda d: node_energy(fn, eqx.combine(d, static), values, x, precision_of(d))
         )(diff)
     # FPA: the predictions' parameter Jacobians are taken at the feedforward states.
     feedforward = forward_init(fn, params, x)
     frozen, vjp = jax.vjp(lambda d: predictions(fn, eqx.combine(d, static), feedforward, x), diff)
     errors, weighted = weighted_errors(values, frozen, precision)
     (grads,) = vjp(jax.tree.map(jnp.negative, weighted))
-    value = 0.5 * sum(jnp.sum(errors[k] * weighted[k]) for k in errors)
-    return value, grads
+    if not learned:
+        return energy_from_errors(errors, weighted, precision), grads
+
+    def precision_energy(d):  # the energy's direct dependence on learned precisions
+        prec = precision_of(d)
+        return energy_from_errors(errors, weighted_errors(values, frozen, prec)[1], prec)
+
+    value, precision_grads = jax.value_and_grad(precision_energy)(diff)
+    return value, jax.tree.map(jnp.add, grads, precision_grads)
 
 
 def param_grads(
@@ -74,7 +100,7 @@ def param_grads(
     those of the feedforward pass of `fn(params, x)` (the fixed-prediction assumption).
     """
     values, checked = checked_values(fn, params, dict(states), x, observed, precision)
-    return _energy_grads(fn, params, values, x, checked, fixed_predictions)[1]
+    return _energy_grads(fn, params, values, x, checked, fixed_predictions, precision)[1]
 
 
 class TrainInfo(NamedTuple):
@@ -112,7 +138,9 @@ def train_step(
     step_size: float = 0.1,
     precision: Precision | None = None,
     fixed_predictions: bool = False,
+    precondition: bool = False,
     incremental: bool = False,
+    fisher: str | None = None,
     tol: float | None = None,
     mean_over_batch: bool = True,
     raise_on_divergence: bool = False,
@@ -128,6 +156,16 @@ def train_step(
     parameters are updated by `optimizer` at every inference step, from the same backward pass
     as the state update, and there is no separate final update.
 
+    `precision` may be a function of the parameters (`lambda p: p["precision"]`) returning
+    precision modules stored in them: they are then learned by `optimizer` with the rest.
+    `precondition=True` scales each node's state update by its precision's inverse.
+
+    `fisher` (`"diagonal"`, `"kronecker"` or `"matrix_free"`) computes
+    `pcjax.fisher_statistics` at the relaxed states and hands them to the optimizer as
+    `optimizer.update(..., fisher=stats)`, for `pcjax.natural_gradient` and
+    `pcjax.precision_weighted_gradient` (the optimizer must take extra arguments, e.g. an
+    `optax.chain` containing one of them).
+
     With `mean_over_batch=True` (default) the parameter gradients are divided by the batch
     size, the leading axis of the observed nodes, so that the learning rate does not depend on
     it; the state updates never depend on it (the energy is a per-sample sum).
@@ -140,29 +178,46 @@ def train_step(
     **Returns:** `(params, opt_state, info)` with a `TrainInfo`.
     """
     check_steps(steps, tol)
-    if incremental and tol is not None:
-        raise ValueError("pcjax: `tol` is not supported with `incremental=True`.")
+    if incremental and (tol is not None or fisher is not None):
+        raise ValueError("pcjax: `tol` and `fisher` are not supported with `incremental=True`.")
+    if fisher is not None and not uses_fisher(opt_state):
+        raise ValueError(
+            f"pcjax.train_step: fisher={fisher!r} passes statistics to the optimizer, which must "
+            "contain a transform that takes them: e.g. optax.chain(pcjax.natural_gradient(...), "
+            "optax.scale_by_learning_rate(lr))."
+        )
     state_optimizer = default_state_optimizer(state_optimizer, step_size)
     observed = dict(observed)
     states = {k: v for k, v in forward_init(fn, params, x).items() if k not in observed}
     _values, checked = checked_values(fn, params, states, x, observed, precision)
     scale = 1.0 / _batch_size(observed) if mean_over_batch else 1.0
 
-    def apply(params, opt_state, grads):
+    def apply(params, opt_state, grads, **extra_args):
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = optimizer.update(
-            grads, opt_state, eqx.filter(params, eqx.is_inexact_array)
+            grads, opt_state, eqx.filter(params, eqx.is_inexact_array), **extra_args
         )
         return eqx.apply_updates(params, updates), opt_state
 
     if incremental:
         params, opt_state, states, diverged = _incremental(
-            fn, params, opt_state, states, x, observed, checked, steps, state_optimizer, apply
+            fn,
+            params,
+            opt_state,
+            states,
+            x,
+            observed,
+            (checked, precision),
+            steps,
+            state_optimizer,
+            apply,
+            precondition,
         )
-        value = node_energy(fn, params, {**states, **observed}, x, checked)
+        final_precision = _current_precision(precision, params, checked)
+        value = node_energy(fn, params, {**states, **observed}, x, final_precision)
         taken = jnp.asarray(steps, jnp.int32)
     else:
-        grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions)
+        grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
         states, diverged, taken, _ = relax(
             grad_fn,
             states,
@@ -172,26 +227,47 @@ def train_step(
             record_energy=False,
         )
         value, grads = _energy_grads(
-            fn, params, {**states, **observed}, x, checked, fixed_predictions
+            fn, params, {**states, **observed}, x, checked, fixed_predictions, precision
         )
-        params, opt_state = apply(params, opt_state, grads)
+        extra_args = {}
+        if fisher is not None:
+            extra_args["fisher"] = fisher_statistics(
+                fn, params, states, x, observed, precision=precision, mode=fisher
+            )
+        params, opt_state = apply(params, opt_state, grads, **extra_args)
     diverged = diverged | ~jnp.isfinite(value)
     if raise_on_divergence:
         params = eqx.error_if(params, diverged, DIVERGED_MESSAGE)
     return params, opt_state, TrainInfo(value, diverged, taken)
 
 
-def _incremental(fn, params, opt_state, states, x, observed, precision, steps, state_opt, apply):
+def _current_precision(spec: Precision | None, params: Any, checked: dict) -> Mapping:
+    """Precisions learned with the parameters are re-read from them; fixed ones are kept."""
+    if callable(spec) and not isinstance(spec, Mapping):
+        return resolve_precision(spec, params)
+    return checked
+
+
+def _incremental(
+    fn, params, opt_state, states, x, observed, precisions, steps, state_opt, apply, precondition
+):
     """iPC: states and parameters descend the energy together, one joint backward pass a step."""
+    checked, spec = precisions
     diff, static = eqx.partition(params, eqx.is_inexact_array)
 
     def joint_energy(diff, states):
         values = {**states, **observed}
-        return node_energy(fn, eqx.combine(diff, static), values, x, precision)
+        params = eqx.combine(diff, static)
+        return node_energy(fn, params, values, x, _current_precision(spec, params, checked))
 
     def body(carry, _):
         diff, opt_state, states, state_opt_state, diverged = carry
         value, (param_grads, state_grads) = jax.value_and_grad(joint_energy, (0, 1))(diff, states)
+        if precondition:
+            precision = _current_precision(spec, eqx.combine(diff, static), checked)
+            state_grads = {
+                k: solve(precision[k], g) if k in precision else g for k, g in state_grads.items()
+            }
         updates, state_opt_state = state_opt.update(state_grads, state_opt_state, states)
         states = optax.apply_updates(states, updates)
         params, opt_state = apply(eqx.combine(diff, static), opt_state, param_grads)

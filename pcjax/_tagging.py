@@ -12,10 +12,9 @@ function, so it works unchanged under `jax.jit`, `jax.vmap`, `jax.grad` and `lax
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +30,13 @@ class _Tape:
     every node keeps its feedforward value).
     """
 
-    def __init__(self, values: Mapping[str, Array] | None):
+    def __init__(self, values: Mapping[str, Array] | None, record_dense: bool = False):
         self.values = values
         self.predictions: Nodes = {}
+        # Only while Fisher statistics are gathered: every `dense` call, and which node
+        # each tagged value became (by object identity).
+        self.dense: list[DenseUse] | None = [] if record_dense else None
+        self.node_of: dict[int, str] = {}
 
     def visit(self, name: str, value: Array) -> Array:
         if not isinstance(name, str):
@@ -48,6 +51,8 @@ class _Tape:
                 f"pcjax.node: node {name!r} must tag one array, got {type(value).__name__}. "
                 "Tag each array of a pytree as its own node."
             )
+        if self.dense is not None:
+            self.node_of[id(value)] = name
         value = jnp.asarray(value)
         self.predictions[name] = value
         if self.values is None or name not in self.values:
@@ -94,26 +99,62 @@ def node(name: str, value: Array) -> Array:
     return tape.visit(name, value)
 
 
-@contextlib.contextmanager
-def _tape(values: Mapping[str, Array] | None) -> Iterator[_Tape]:
-    tape = _Tape(values)
-    token = _active_tape.set(tape)
-    try:
-        yield tape
-    finally:
-        _active_tape.reset(token)
+class DenseUse(NamedTuple):
+    """One call of `pcjax.dense`: its input, parameters and output."""
+
+    inputs: Array
+    weight: Array
+    bias: Array | None
+    output: Array
+
+
+def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
+    """A dense layer `inputs @ weight + bias`, visible to pcjax's Fisher statistics.
+
+    It computes exactly `inputs @ weight (+ bias)`. Used as the prediction of a node,
+    `pcjax.node(name, pcjax.dense(h, w, b))`, it lets the `"diagonal"` and `"kronecker"` modes
+    of `pcjax.natural_gradient` find the layer's input $h$ and node, whose Fisher is
+    $\\mathbb{E}[h h^\\top] \\otimes P$. Pass the parameter arrays themselves (not
+    transformed copies), and tag the result directly.
+
+    **Arguments:** `inputs` of shape `(..., in)`, `weight` of shape `(in, out)`, optional `bias`
+    of shape `(out,)`.
+    """
+    if jnp.ndim(weight) != 2 or jnp.shape(inputs)[-1:] != jnp.shape(weight)[:1]:
+        raise ValueError(
+            f"pcjax.dense: `inputs` of shape {jnp.shape(inputs)} and `weight` of shape "
+            f"{jnp.shape(weight)} do not fit: weight must be (in, out) with in = inputs' last axis."
+        )
+    if bias is not None and jnp.shape(bias) != jnp.shape(weight)[1:]:
+        raise ValueError(
+            f"pcjax.dense: `bias` has shape {jnp.shape(bias)}, expected {jnp.shape(weight)[1:]}."
+        )
+    output = inputs @ weight if bias is None else inputs @ weight + bias
+    tape = _active_tape.get()
+    if tape is not None and tape.dense is not None:
+        tape.dense.append(DenseUse(inputs, weight, bias, output))
+    return output
 
 
 def run_tagged(
-    fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    values: Mapping[str, Array] | None,
+    tape: _Tape | None = None,
 ) -> tuple[Any, Nodes]:
     """Call `fn(params, x)` with the node states in `values` substituted.
 
     Returns the function's output and the dict of every tagged node's prediction.
-    Raises if `values` names a node the function does not tag.
+    Raises if `values` names a node the function does not tag. Pass a `_Tape` to keep
+    what it recorded.
     """
-    with _tape(values) as tape:
+    tape = _Tape(values) if tape is None else tape
+    token = _active_tape.set(tape)
+    try:
         out = fn(params, x)
+    finally:
+        _active_tape.reset(token)
     if not tape.predictions:
         raise ValueError(
             "pcjax: the function tagged no node; wrap intermediate values in "

@@ -1,0 +1,343 @@
+"""Precisions (inverse covariances) of PC nodes: fixed arrays or learnable modules.
+
+A node with error $e$ (last axis: the node's $d$ features) and precision $P$ contributes
+
+$$F_i = \\tfrac12 \\sum_n e_n^\\top P e_n \\; - \\; \\tfrac{N}{2} \\log\\det P$$
+
+to the energy, summed over its $N$ error vectors (batch and any other leading axes). The
+$\\log\\det$ term is what makes precisions learnable:
+$\\partial F_i / \\partial P = \\tfrac12 \\sum_n e_n e_n^\\top - \\tfrac{N}{2} P^{-1}$
+vanishes at $P^{-1} = \\mathbb{E}[e e^\\top]$; without it the precision would collapse to zero.
+
+Two kinds of precision values are accepted wherever pcjax takes `precision`:
+
+- a plain positive array (scalar, or any shape that broadcasts to the node, e.g. `(features,)`):
+  a *fixed* precision, multiplied elementwise; its log-det term is a constant and left out;
+- a precision module, `ScalarPrecision`, `DiagonalPrecision` or `FullPrecision`: positive
+  (definite) by construction through a log / Cholesky parameterisation, with the log-det term.
+  Put the modules inside your parameters and pass `precision=lambda params: params[...]` to learn
+  them with the parameters; pass them directly to keep them fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _concrete(value) -> np.ndarray | None:
+    """The value as a NumPy array, or None while it is being traced."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_positive(name: str, value: Array, floor: float) -> None:
+    concrete = _concrete(value)
+    if concrete is not None and not (np.all(concrete > floor) and np.all(np.isfinite(concrete))):
+        raise ValueError(
+            f"pcjax.{name}: precision values must be finite and greater than the floor "
+            f"{floor}; got a smallest value of {concrete.min()!r}."
+        )
+
+
+class Precision(eqx.Module):
+    """Base class of the learnable precision modules (see the module docstring)."""
+
+    floor: float = eqx.field(static=True)
+
+    def weigh(self, errors: Array) -> Array:
+        """$P e$ for every error vector (the last axis)."""
+        raise NotImplementedError
+
+    def solve(self, vectors: Array) -> Array:
+        """$P^{-1} v$ for every vector (the last axis)."""
+        raise NotImplementedError
+
+    def logdet(self) -> Array:
+        """$\\log\\det P$ of one block (one element for a scalar precision)."""
+        raise NotImplementedError
+
+    def block_size(self) -> int:
+        """How many error entries one $P$ block covers."""
+        raise NotImplementedError
+
+    def moments(self, errors: Array) -> Array:
+        """Mean second moment of the errors in this precision's form (over the error vectors)."""
+        raise NotImplementedError
+
+    def from_moments(self, moments: Array, damping: float = 0.0) -> Precision:
+        """The same kind of precision set to $(\\text{moments} + \\lambda I)^{-1}$."""
+        raise NotImplementedError
+
+    def dense(self, dim: int) -> Array:
+        """$P$ as a dense `(dim, dim)` matrix, for a node with `dim` features."""
+        raise NotImplementedError
+
+    def fits(self, shape: tuple[int, ...]) -> str | None:
+        """None if this precision fits a node of `shape`, else what is wrong."""
+        return None
+
+
+class ScalarPrecision(Precision):
+    """One precision for every entry of the node: $P = p I$, $p = \\text{floor} + e^{\\theta}$."""
+
+    log_value: Array
+
+    def __init__(self, value: float | Array = 1.0, *, floor: float = 0.0):
+        value = jnp.asarray(value, dtype=jnp.result_type(float))
+        if value.shape != ():
+            raise ValueError(f"pcjax.ScalarPrecision: `value` must be a scalar, got {value.shape}.")
+        _check_positive("ScalarPrecision", value, floor)
+        self.floor = floor
+        self.log_value = jnp.log(value - floor)
+
+    def value(self) -> Array:
+        return self.floor + jnp.exp(self.log_value)
+
+    def weigh(self, errors):
+        return self.value() * errors
+
+    def solve(self, vectors):
+        return vectors / self.value()
+
+    def logdet(self):
+        return jnp.log(self.value())
+
+    def block_size(self):
+        return 1
+
+    def moments(self, errors):
+        return jnp.mean(errors**2)
+
+    def from_moments(self, moments, damping=0.0):
+        return ScalarPrecision(1.0 / (moments + damping) + self.floor, floor=self.floor)
+
+    def dense(self, dim):
+        return self.value() * jnp.eye(dim, dtype=self.log_value.dtype)
+
+
+class DiagonalPrecision(Precision):
+    """A precision per feature: $P = \\text{diag}(p)$, $p = \\text{floor} + e^{\\theta}$.
+
+    `values` may have any shape that broadcasts to the node's trailing axes, e.g. `(features,)`
+    for a `(batch, features)` node or `(28, 28)` for a `(batch, 28, 28)` image node.
+    """
+
+    log_values: Array
+
+    def __init__(self, values: Array, *, floor: float = 0.0):
+        values = jnp.asarray(values, dtype=jnp.result_type(float))
+        _check_positive("DiagonalPrecision", values, floor)
+        self.floor = floor
+        self.log_values = jnp.log(values - floor)
+
+    def values(self) -> Array:
+        return self.floor + jnp.exp(self.log_values)
+
+    def weigh(self, errors):
+        return self.values() * errors
+
+    def solve(self, vectors):
+        return vectors / self.values()
+
+    def logdet(self):
+        return jnp.sum(jnp.log(self.values()))
+
+    def block_size(self):
+        return math.prod(self.log_values.shape)
+
+    def moments(self, errors):
+        lead = tuple(range(errors.ndim - self.log_values.ndim))
+        return jnp.mean(errors**2, axis=lead)
+
+    def from_moments(self, moments, damping=0.0):
+        return DiagonalPrecision(1.0 / (moments + damping) + self.floor, floor=self.floor)
+
+    def dense(self, dim):
+        return jnp.diag(jnp.broadcast_to(self.values(), (dim,)))
+
+    def fits(self, shape):
+        nd = self.log_values.ndim
+        if nd > len(shape) or self.log_values.shape != shape[len(shape) - nd :]:
+            return f"a DiagonalPrecision of shape {self.log_values.shape}"
+        return None
+
+
+class FullPrecision(Precision):
+    """A full precision matrix over the node's last axis: $P = L L^\\top + \\text{floor}\\, I$.
+
+    $L$ is lower triangular with a positive diagonal, stored as its strictly lower part and the
+    log of its diagonal, so $P$ is symmetric positive definite for any parameter value.
+    """
+
+    raw: Array  # strictly lower part of L, with log(diag L) on the diagonal
+
+    def __init__(self, matrix: Array, *, floor: float = 0.0):
+        matrix = jnp.asarray(matrix, dtype=jnp.result_type(float))
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(
+                f"pcjax.FullPrecision: `matrix` must be square, got shape {matrix.shape}."
+            )
+        concrete = _concrete(matrix)
+        if concrete is not None:
+            asymmetry = float(np.max(np.abs(concrete - concrete.T), initial=0.0))
+            if asymmetry > 1e-6 * max(1.0, float(np.max(np.abs(concrete), initial=0.0))):
+                raise ValueError(
+                    f"pcjax.FullPrecision: `matrix` must be symmetric; max |M - M^T| is "
+                    f"{asymmetry:.3g}."
+                )
+            smallest = float(np.linalg.eigvalsh(concrete.astype(np.float64)).min())
+            if not smallest > floor:
+                raise ValueError(
+                    f"pcjax.FullPrecision: `matrix` must be positive definite (above the floor "
+                    f"{floor}); its smallest eigenvalue is {smallest:.3g}."
+                )
+        eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+        chol = jnp.linalg.cholesky(matrix - floor * eye)
+        self.floor = floor
+        self.raw = jnp.tril(chol, -1) + jnp.diag(jnp.log(jnp.diag(chol)))
+
+    def cholesky(self) -> Array:
+        return jnp.tril(self.raw, -1) + jnp.diag(jnp.exp(jnp.diag(self.raw)))
+
+    def matrix(self) -> Array:
+        chol = self.cholesky()
+        return chol @ chol.T + self.floor * jnp.eye(chol.shape[0], dtype=chol.dtype)
+
+    def weigh(self, errors):
+        return errors @ self.matrix()  # P is symmetric: row vectors times P
+
+    def solve(self, vectors):
+        if self.floor == 0.0:
+            chol = self.cholesky()
+            flat = vectors.reshape(-1, vectors.shape[-1]).T
+            y = jax.scipy.linalg.solve_triangular(chol, flat, lower=True)
+            return jax.scipy.linalg.solve_triangular(chol.T, y, lower=False).T.reshape(
+                vectors.shape
+            )
+        return jnp.linalg.solve(self.matrix(), vectors.reshape(-1, vectors.shape[-1]).T).T.reshape(
+            vectors.shape
+        )
+
+    def logdet(self):
+        if self.floor == 0.0:
+            return 2.0 * jnp.sum(jnp.diag(self.raw))
+        return jnp.linalg.slogdet(self.matrix())[1]
+
+    def block_size(self):
+        return self.raw.shape[0]
+
+    def moments(self, errors):
+        flat = errors.reshape(-1, errors.shape[-1])
+        return flat.T @ flat / flat.shape[0]
+
+    def from_moments(self, moments, damping=0.0):
+        dim = moments.shape[0]
+        covariance = moments + damping * jnp.eye(dim, dtype=moments.dtype)
+        inverse = jnp.linalg.inv(covariance)
+        inverse = 0.5 * (inverse + inverse.T) + self.floor * jnp.eye(dim, dtype=moments.dtype)
+        return FullPrecision(inverse, floor=self.floor)
+
+    def dense(self, dim):
+        return self.matrix()
+
+    def fits(self, shape):
+        if not shape or shape[-1] != self.raw.shape[0]:
+            return f"a FullPrecision of size {self.raw.shape}"
+        return None
+
+
+# ---------------------------------------------------------------- dispatch on the two kinds
+
+
+def weigh(precision, errors: Array) -> Array:
+    """$P e$ for a precision module or a fixed elementwise array."""
+    if isinstance(precision, Precision):
+        return precision.weigh(errors)
+    return precision * errors
+
+
+def solve(precision, vectors: Array) -> Array:
+    """$P^{-1} v$ for a precision module or a fixed elementwise array."""
+    if isinstance(precision, Precision):
+        return precision.solve(vectors)
+    return vectors / precision
+
+
+def logdet_term(precision, errors: Array) -> Array | float:
+    """$-\\tfrac{N}{2} \\log\\det P$ for a module ($N$ error vectors); 0 for fixed arrays."""
+    if not isinstance(precision, Precision):
+        return 0.0
+    count = errors.size // precision.block_size()
+    return -0.5 * count * precision.logdet()
+
+
+def dense_matrix(precision, dim: int, dtype) -> Array:
+    """$P$ as a `(dim, dim)` matrix over a node's last axis (1 when `precision` is None)."""
+    if precision is None:
+        return jnp.eye(dim, dtype=dtype)
+    if isinstance(precision, Precision):
+        return precision.dense(dim).astype(dtype)
+    precision = jnp.asarray(precision, dtype)
+    if precision.ndim > 1:
+        raise ValueError(
+            "pcjax: a dense Fisher needs a scalar, per-feature or module precision; got a fixed "
+            f"precision of shape {precision.shape}."
+        )
+    return jnp.diag(jnp.broadcast_to(precision, (dim,)))
+
+
+# ---------------------------------------------------------------- closed-form estimates
+
+
+def error_moments(precision: Mapping[str, Precision], errors: Mapping[str, Array]) -> dict:
+    """Mean second moments $\\mathbb{E}[e e^\\top]$ of each node's errors, in the form of its
+    precision module (a scalar, per-feature values or a matrix)."""
+    return {name: p.moments(errors[name]) for name, p in precision.items()}
+
+
+def update_precision_ema(
+    precision: Mapping[str, Precision],
+    errors: Mapping[str, Array],
+    ema: Mapping[str, Array] | None = None,
+    *,
+    decay: float = 0.99,
+    damping: float = 1e-4,
+) -> tuple[dict[str, Precision], dict[str, Array]]:
+    """Closed-form precision estimate from a running average of the errors' second moments.
+
+    $$M \\leftarrow \\beta M + (1 - \\beta)\\, \\mathbb{E}_{\\text{batch}}[e e^\\top], \\qquad
+    P = (M + \\lambda I)^{-1}.$$
+
+    **Arguments:**
+
+    - `precision`: dict of precision modules to re-estimate (its kinds are kept).
+    - `errors`: the nodes' prediction errors, e.g. `pcjax.prediction_errors` at relaxed states.
+    - `ema`: the running moments from the previous call; None starts them at this batch's.
+    - `decay`: $\\beta$ in [0, 1); `damping`: $\\lambda \\ge 0$.
+
+    **Returns:** `(precision, ema)`, the new precisions and running moments.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"pcjax.update_precision_ema: `decay` must be in [0, 1), got {decay}.")
+    if damping < 0:
+        raise ValueError(f"pcjax.update_precision_ema: `damping` must be >= 0, got {damping}.")
+    unknown = sorted(set(precision) - set(errors))
+    if unknown:
+        raise ValueError(f"pcjax.update_precision_ema: no errors for node(s) {unknown}.")
+    moments = error_moments(precision, errors)
+    if ema is None:
+        ema = moments
+    else:
+        ema = {k: decay * ema[k] + (1.0 - decay) * moments[k] for k in moments}
+    new = {k: p.from_moments(ema[k], damping) for k, p in precision.items()}
+    return new, ema
