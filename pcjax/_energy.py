@@ -44,6 +44,14 @@ def merge_nodes(states: Mapping[str, Array], observed: Mapping[str, Array] | Non
     return {**states, **observed}
 
 
+def batch_size(nodes: Mapping[str, Array]) -> int:
+    """The batch size: the leading axis that all (non-scalar) node values share; 1 if none."""
+    sizes = {name: jnp.shape(v)[0] for name, v in nodes.items() if jnp.ndim(v) >= 1}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"pcjax: the nodes disagree on the batch size (leading axis): {sizes}.")
+    return next(iter(sizes.values()), 1)
+
+
 def check_partition(predicted: Mapping[str, Array], values: Mapping[str, Array]) -> None:
     """Every tagged node must have a value (unknown names are caught by `run_tagged`)."""
     missing = sorted(set(predicted) - set(values))

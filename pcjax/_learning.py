@@ -18,6 +18,7 @@ import optax
 
 from ._energy import (
     Precision,
+    batch_size,
     checked_values,
     energy_from_errors,
     node_energy,
@@ -116,15 +117,6 @@ class TrainInfo(NamedTuple):
     inference_steps: Array
 
 
-def _batch_size(observed: Mapping[str, Array]) -> int:
-    sizes = {name: v.shape[0] for name, v in observed.items() if jnp.ndim(v) >= 1}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            f"pcjax: observed nodes disagree on the batch size (leading axis): {sizes}."
-        )
-    return next(iter(sizes.values()), 1)
-
-
 def train_step(
     fn: Callable[..., Any],
     params: Any,
@@ -190,7 +182,7 @@ def train_step(
     observed = dict(observed)
     states = {k: v for k, v in forward_init(fn, params, x).items() if k not in observed}
     _values, checked = checked_values(fn, params, states, x, observed, precision)
-    scale = 1.0 / _batch_size(observed) if mean_over_batch else 1.0
+    scale = 1.0 / batch_size(observed) if mean_over_batch else 1.0
 
     def apply(params, opt_state, grads, **extra_args):
         grads = jax.tree.map(lambda g: g * scale, grads)

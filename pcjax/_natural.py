@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._energy import Precision, checked_values
+from ._energy import Precision, batch_size, checked_values
 from ._precision import dense_matrix, weigh
 from ._tagging import _Tape, predictions, run_tagged
 
@@ -68,13 +68,6 @@ class FisherOperator(eqx.Module):
         return jax.tree.map(lambda p: p / self.batch_size, product)
 
 
-def _batch_size(values: Mapping[str, Array]) -> int:
-    sizes = {jnp.shape(v)[0] for v in values.values() if jnp.ndim(v) >= 1}
-    if len(sizes) != 1:
-        raise ValueError(f"pcjax: the nodes disagree on the batch size (leading axis): {sizes}.")
-    return sizes.pop()
-
-
 def fisher_statistics(
     fn: Callable[..., Any],
     params: Any,
@@ -106,7 +99,7 @@ def fisher_statistics(
 
         _, jvp = jax.linearize(predict, diff)
         vjp = jax.linear_transpose(jvp, diff)
-        return FisherOperator(jvp, vjp, checked, _batch_size(values))
+        return FisherOperator(jvp, vjp, checked, batch_size(values))
     return _kronecker_statistics(fn, params, values, x, checked, diagonal=mode == "diagonal")
 
 
@@ -116,7 +109,7 @@ def _kronecker_statistics(fn, params, values, x, precision, *, diagonal: bool):
     tape = _Tape(values, record_dense=True)
     run_tagged(fn, params, x, values, tape)
     stats: list[KroneckerFactors | None] = [None] * len(leaves)
-    batch = _batch_size(values)
+    batch = batch_size(values)
     for use in tape.dense:
         node = tape.node_of.get(id(use.output))
         if node is None:
