@@ -40,7 +40,8 @@ class InferInfo(NamedTuple):
     """What `pcjax.infer` reports besides the relaxed states.
 
     - `energy`: the energy at the returned states.
-    - `diverged`: True if the energy became non-finite (NaN/inf) at any step.
+    - `diverged`: True if the energy at the returned states is non-finite (NaN/inf). A NaN or
+      inf reached at any step persists in the states, so this catches divergence anywhere.
     - `steps`: number of state updates made (`steps`, or fewer when `tol` stopped early).
     - `energies`: with `record_energy=True`, the energy before each update, shape `(steps,)`
       (entries after an early stop are NaN); otherwise None.
@@ -117,13 +118,16 @@ def relax(
     optimizer: optax.GradientTransformation,
     tol: float | None,
     record_energy: bool,
-) -> tuple[Nodes, Array, Array, Array | None]:
+) -> tuple[Nodes, Array, Array | None]:
     """Run the state optimizer on the energy.
 
-    Returns the new states, whether the energy went non-finite, the number of updates and the
-    per-step energies (or None). With `tol`, stops once the global norm of the state gradient
-    is at most `tol` (a `lax.while_loop`); otherwise makes exactly `steps` updates
+    Returns the new states, the number of updates and the per-step energies (or None). With
+    `tol`, stops once the global norm of the state gradient is at most `tol` (a
+    `lax.while_loop`; a NaN gradient stops it too); otherwise makes exactly `steps` updates
     (`lax.scan`, memory independent of `steps` unless energies are recorded).
+
+    The energy itself is only evaluated when it is recorded: divergence is judged by the
+    caller from the energy at the returned states, since a NaN or inf in the states persists.
     """
     opt_state = optimizer.init(states)
 
@@ -134,43 +138,31 @@ def relax(
     if tol is None:
 
         def body(carry, _):
-            states, opt_state, diverged = carry
-            value, grads = value_and_grad(states)
-            states, opt_state = update(states, opt_state, grads)
-            carry = (states, opt_state, diverged | ~jnp.isfinite(value))
-            return carry, value if record_energy else None
+            states, opt_state = carry
+            value, grads = value_and_grad(states)  # value is dead code unless recorded
+            return update(states, opt_state, grads), value if record_energy else None
 
-        (states, _, diverged), energies = jax.lax.scan(
-            body, (states, opt_state, jnp.array(False)), length=steps
-        )
-        return states, diverged, jnp.asarray(steps, jnp.int32), energies
+        (states, _), energies = jax.lax.scan(body, (states, opt_state), length=steps)
+        return states, jnp.asarray(steps, jnp.int32), energies
 
     value, grads = value_and_grad(states)
     energies = jnp.full((steps,), jnp.nan, value.dtype) if record_energy else None
-    init = (
-        jnp.asarray(0, jnp.int32),
-        states,
-        opt_state,
-        value,
-        grads,
-        ~jnp.isfinite(value),
-        energies,
-    )
+    init = (jnp.asarray(0, jnp.int32), states, opt_state, value, grads, energies)
 
     def cond(carry):
-        i, _, _, _, grads, diverged, _ = carry
-        return (i < steps) & (optax.tree.norm(grads) > tol) & ~diverged
+        i, _, _, _, grads, _ = carry
+        return (i < steps) & (optax.tree.norm(grads) > tol)
 
     def while_body(carry):
-        i, states, opt_state, value, grads, diverged, energies = carry
+        i, states, opt_state, value, grads, energies = carry
         if record_energy:
             energies = energies.at[i].set(value)
         states, opt_state = update(states, opt_state, grads)
         value, grads = value_and_grad(states)
-        return i + 1, states, opt_state, value, grads, diverged | ~jnp.isfinite(value), energies
+        return i + 1, states, opt_state, value, grads, energies
 
-    i, states, _, _, _, diverged, energies = jax.lax.while_loop(cond, while_body, init)
-    return states, diverged, i, energies
+    i, states, _, _, _, energies = jax.lax.while_loop(cond, while_body, init)
+    return states, i, energies
 
 
 def default_state_optimizer(
@@ -236,14 +228,14 @@ def infer(
     states = dict(states)
     _, checked = checked_values(fn, params, states, x, observed, precision)
     grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
-    states, diverged, taken, energies = relax(
+    states, taken, energies = relax(
         grad_fn, states, steps=steps, optimizer=optimizer, tol=tol, record_energy=record_energy
     )
     if fixed_predictions:
         final = grad_fn(states)[0]  # the FPA energy uses the frozen predictions
     else:
         final = node_energy(fn, params, {**states, **observed}, x, checked)
-    diverged = diverged | ~jnp.isfinite(final)
+    diverged = ~jnp.isfinite(final)
     if raise_on_divergence:
         states = eqx.error_if(states, diverged, DIVERGED_MESSAGE)
     return states, InferInfo(final, diverged, taken, energies)

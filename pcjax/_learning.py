@@ -108,7 +108,8 @@ class TrainInfo(NamedTuple):
     """What `pcjax.train_step` reports.
 
     - `energy`: the energy at the relaxed states (before the parameter update).
-    - `diverged`: True if the energy became non-finite during inference or at the end.
+    - `diverged`: True if the energy at the relaxed states is non-finite (a NaN or inf reached
+      during inference persists to the end).
     - `inference_steps`: the number of state updates made.
     """
 
@@ -192,7 +193,7 @@ def train_step(
         return eqx.apply_updates(params, updates), opt_state
 
     if incremental:
-        params, opt_state, states, diverged = _incremental(
+        params, opt_state, states = _incremental(
             fn,
             params,
             opt_state,
@@ -210,7 +211,7 @@ def train_step(
         taken = jnp.asarray(steps, jnp.int32)
     else:
         grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
-        states, diverged, taken, _ = relax(
+        states, taken, _ = relax(
             grad_fn,
             states,
             steps=steps,
@@ -227,7 +228,7 @@ def train_step(
                 fn, params, states, x, observed, precision=precision, mode=fisher
             )
         params, opt_state = apply(params, opt_state, grads, **extra_args)
-    diverged = diverged | ~jnp.isfinite(value)
+    diverged = ~jnp.isfinite(value)
     if raise_on_divergence:
         params = eqx.error_if(params, diverged, DIVERGED_MESSAGE)
     return params, opt_state, TrainInfo(value, diverged, taken)
@@ -253,8 +254,8 @@ def _incremental(
         return node_energy(fn, params, values, x, _current_precision(spec, params, checked))
 
     def body(carry, _):
-        diff, opt_state, states, state_opt_state, diverged = carry
-        value, (param_grads, state_grads) = jax.value_and_grad(joint_energy, (0, 1))(diff, states)
+        diff, opt_state, states, state_opt_state = carry
+        param_grads, state_grads = jax.grad(joint_energy, (0, 1))(diff, states)
         if precondition:
             precision = _current_precision(spec, eqx.combine(diff, static), checked)
             state_grads = {
@@ -264,8 +265,8 @@ def _incremental(
         states = optax.apply_updates(states, updates)
         params, opt_state = apply(eqx.combine(diff, static), opt_state, param_grads)
         diff = eqx.filter(params, eqx.is_inexact_array)
-        return (diff, opt_state, states, state_opt_state, diverged | ~jnp.isfinite(value)), None
+        return (diff, opt_state, states, state_opt_state), None
 
-    init = (diff, opt_state, states, state_opt.init(states), jnp.array(False))
-    (diff, opt_state, states, _, diverged), _ = jax.lax.scan(body, init, length=steps)
-    return eqx.combine(diff, static), opt_state, states, diverged
+    init = (diff, opt_state, states, state_opt.init(states))
+    (diff, opt_state, states, _), _ = jax.lax.scan(body, init, length=steps)
+    return eqx.combine(diff, static), opt_state, states
