@@ -87,44 +87,6 @@ class Precision(eqx.Module):
         return None
 
 
-class ScalarPrecision(Precision):
-    """One precision for every entry of the node: $P = p I$, $p = \\text{floor} + e^{\\theta}$."""
-
-    log_value: Array
-
-    def __init__(self, value: float | Array = 1.0, *, floor: float = 0.0):
-        value = jnp.asarray(value, dtype=jnp.result_type(float))
-        if value.shape != ():
-            raise ValueError(f"pcjax.ScalarPrecision: `value` must be a scalar, got {value.shape}.")
-        _check_positive("ScalarPrecision", value, floor)
-        self.floor = floor
-        self.log_value = jnp.log(value - floor)
-
-    def value(self) -> Array:
-        return self.floor + jnp.exp(self.log_value)
-
-    def weigh(self, errors):
-        return self.value() * errors
-
-    def solve(self, vectors):
-        return vectors / self.value()
-
-    def logdet(self):
-        return jnp.log(self.value())
-
-    def block_size(self):
-        return 1
-
-    def moments(self, errors):
-        return jnp.mean(errors**2)
-
-    def from_moments(self, moments, damping=0.0):
-        return ScalarPrecision(1.0 / (moments + damping) + self.floor, floor=self.floor)
-
-    def dense(self, dim):
-        return self.value() * jnp.eye(dim, dtype=self.log_value.dtype)
-
-
 class DiagonalPrecision(Precision):
     """A precision per feature: $P = \\text{diag}(p)$, $p = \\text{floor} + e^{\\theta}$.
 
@@ -136,7 +98,7 @@ class DiagonalPrecision(Precision):
 
     def __init__(self, values: Array, *, floor: float = 0.0):
         values = jnp.asarray(values, dtype=jnp.result_type(float))
-        _check_positive("DiagonalPrecision", values, floor)
+        _check_positive(type(self).__name__, values, floor)
         self.floor = floor
         self.log_values = jnp.log(values - floor)
 
@@ -160,7 +122,7 @@ class DiagonalPrecision(Precision):
         return jnp.mean(errors**2, axis=lead)
 
     def from_moments(self, moments, damping=0.0):
-        return DiagonalPrecision(1.0 / (moments + damping) + self.floor, floor=self.floor)
+        return type(self)(1.0 / (moments + damping) + self.floor, floor=self.floor)
 
     def dense(self, dim):
         return jnp.diag(jnp.broadcast_to(self.values(), (dim,)))
@@ -170,6 +132,23 @@ class DiagonalPrecision(Precision):
         if nd > len(shape) or self.log_values.shape != shape[len(shape) - nd :]:
             return f"a DiagonalPrecision of shape {self.log_values.shape}"
         return None
+
+
+class ScalarPrecision(DiagonalPrecision):
+    """One precision for every entry of the node: $P = p I$, $p = \\text{floor} + e^{\\theta}$.
+
+    A `DiagonalPrecision` whose values are a single scalar.
+    """
+
+    def __init__(self, value: float | Array = 1.0, *, floor: float = 0.0):
+        if jnp.shape(value) != ():
+            raise ValueError(
+                f"pcjax.ScalarPrecision: `value` must be a scalar, got shape {jnp.shape(value)}."
+            )
+        super().__init__(value, floor=floor)
+
+    def value(self) -> Array:
+        return self.values()
 
 
 class FullPrecision(Precision):
