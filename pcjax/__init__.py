@@ -4,6 +4,7 @@ Tag the intermediate values of any JAX forward function with `pcjax.node`; pcjax
 the network's free energy, relaxes its states and learns its parameters with plain JAX and optax.
 """
 
+from . import nn
 from ._energy import energy, prediction_errors
 from ._inference import InferInfo, infer
 from ._learning import TrainInfo, param_grads, train_step
@@ -42,6 +43,7 @@ __all__ = [
     "forward_init",
     "infer",
     "natural_gradient",
+    "nn",
     "node",
     "param_grads",
     "precision_weighted_gradient",

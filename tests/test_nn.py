@@ -1,0 +1,110 @@
+"""pcjax.nn builders: under fixed predictions, PC parameter gradients equal backprop's on every
+architecture (float32, 1e-4 relative), and standard PC approaches them as the output precision
+shrinks."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_error
+
+import pcjax as pc
+from pcjax import nn
+
+KEY = jax.random.PRNGKey(0)
+
+
+def f32(model):
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+
+
+ARCHITECTURES = {
+    "mlp": lambda k: (nn.MLP([6, 8, 8, 3], key=k), (5, 6)),
+    "vgg": lambda k: (nn.VGG(2, [4, 6], [8], 3, image_size=8, key=k), (3, 8, 8, 2)),
+    "resnet": lambda k: (nn.ResNet(6, 8, 3, 3, key=k), (5, 6)),
+    "resnet_mupc": lambda k: (nn.ResNet(6, 8, 3, 3, key=k, mupc=True), (5, 6)),
+    "lstm": lambda k: (nn.LSTM(3, 6, 3, key=k), (4, 5, 3)),
+    "lstm_gates": lambda k: (nn.LSTM(3, 6, 3, key=k, nodes="op"), (4, 5, 3)),
+    "transformer": lambda k: (nn.TransformerBlock(8, 2, 16, 3, key=k), (3, 5, 8)),
+    "transformer_ops": lambda k: (nn.TransformerBlock(8, 2, 16, 3, key=k, nodes="op"), (3, 5, 8)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def architecture(request):
+    k1, k2, k3 = jax.random.split(jax.random.fold_in(KEY, len(request.param)), 3)
+    model, shape = ARCHITECTURES[request.param](k1)
+    model = f32(model)
+    x = jax.random.normal(k2, shape, jnp.float32)
+    y = jax.random.normal(k3, (shape[0], 3), jnp.float32)
+    return request.param, model, x, y
+
+
+def test_fixed_predictions_equal_backprop(architecture):
+    name, model, x, y = architecture
+    nodes = pc.forward_init(nn.call, model, x)
+    assert "out" in nodes or "h2" in nodes or "fc1" in nodes
+    output = [k for k, v in nodes.items() if v.shape == y.shape][-1]
+    latent = {k: v for k, v in nodes.items() if k != output}
+    # Step size 1: exact after as many steps as the node graph is deep (at most #nodes).
+    states, info = pc.infer(
+        nn.call,
+        model,
+        latent,
+        x,
+        {output: y},
+        steps=len(nodes),
+        step_size=1.0,
+        fixed_predictions=True,
+    )
+    assert not bool(info.diverged)
+    grads = pc.param_grads(nn.call, model, states, x, {output: y}, fixed_predictions=True)
+    reference = eqx.filter_grad(lambda m: 0.5 * jnp.sum((y - m(x)) ** 2))(model)
+    assert rel_error(grads, reference) < 1e-4, name
+
+
+def test_standard_pc_approaches_backprop_on_a_resnet():
+    k1, k2, k3 = jax.random.split(KEY, 3)
+    model = nn.ResNet(4, 6, 2, 2, key=k1)  # float64 here: the limit needs tight equilibria
+    x = jax.random.normal(k2, (6, 4))
+    y = jax.random.normal(k3, (6, 2))
+    latent = {k: v for k, v in pc.forward_init(nn.call, model, x).items() if k != "out"}
+    reference = eqx.filter_grad(lambda m: 0.5 * jnp.sum((y - m(x)) ** 2))(model)
+    errors = []
+    for gamma in [1.0, 0.1, 0.01]:
+        states, _ = pc.infer(
+            nn.call,
+            model,
+            latent,
+            x,
+            {"out": y},
+            steps=4000,
+            step_size=0.2,
+            tol=1e-12,
+            precision={"out": gamma},
+        )
+        grads = pc.param_grads(nn.call, model, states, x, {"out": y}, precision={"out": gamma})
+        errors.append(rel_error(jax.tree.map(lambda g, s=gamma: g / s, grads), reference))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05, errors
+
+
+def test_node_names_and_granularity():
+    k = jax.random.PRNGKey(1)
+    lstm = pc.forward_init(nn.call, nn.LSTM(2, 3, 1, key=k), jnp.zeros((1, 2, 2)))
+    assert sorted(lstm) == ["c0", "c1", "h0", "h1", "out"]
+    lstm_ops = pc.forward_init(nn.call, nn.LSTM(2, 3, 1, key=k, nodes="op"), jnp.zeros((1, 2, 2)))
+    assert {"gates0", "gates1"} <= set(lstm_ops)
+    block = pc.forward_init(nn.call, nn.TransformerBlock(4, 2, 8, 1, key=k), jnp.zeros((1, 3, 4)))
+    assert sorted(block) == ["attn", "mlp_hidden", "out", "res1", "res2"]
+    with pytest.raises(ValueError, match="`nodes` must be one of"):
+        nn.LSTM(2, 3, 1, key=k, nodes="gate")
+    with pytest.raises(ValueError, match="not divisible"):
+        nn.TransformerBlock(5, 2, 8, 1, key=k)
+
+
+def test_mupc_scales_residual_branches():
+    model = nn.ResNet(4, 16, 4, 2, key=KEY, mupc=True)
+    np.testing.assert_allclose(model.branch_scale, 1 / np.sqrt(16 * 4))
