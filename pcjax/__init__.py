@@ -5,7 +5,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 """
 
 from . import nn
-from ._energy import energy, prediction_errors
+from ._energy import cross_entropy, energy, prediction_errors
 from ._inference import InferInfo, infer
 from ._learning import TrainInfo, param_grads, train_step
 from ._natural import (
@@ -36,6 +36,7 @@ __all__ = [
     "Precision",
     "ScalarPrecision",
     "TrainInfo",
+    "cross_entropy",
     "dense",
     "energy",
     "error_moments",

@@ -15,7 +15,7 @@ for which it is a constant (see `pcjax._precision`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -24,7 +24,7 @@ import numpy as np
 
 from ._precision import Precision as PrecisionModule
 from ._precision import _concrete, logdet_term, weigh
-from ._tagging import Nodes, predictions, run_tagged
+from ._tagging import Nodes, node_energies, predictions, run_tagged
 
 Array = jax.Array
 #: `precision` arguments: a dict of node name -> precision, or a function of the parameters
@@ -140,24 +140,50 @@ def check_precision(
     return checked
 
 
-def weighted_errors(
-    values: Mapping[str, Array], predicted: Mapping[str, Array], precision: Mapping[str, Any]
-) -> tuple[Nodes, Nodes]:
-    """Errors $e_i = x_i - \\mu_i$ and precision-weighted errors $P_i e_i$ of every node."""
-    errors = {name: values[name] - mu for name, mu in predicted.items()}
-    weighted = {
-        name: weigh(precision[name], e) if name in precision else e for name, e in errors.items()
-    }
-    return errors, weighted
+class CustomEnergy(NamedTuple):
+    """A node's non-Gaussian energy term, `function(state, prediction) -> scalar`."""
+
+    function: Callable[[Array, Array], Array]
 
 
-def energy_from_errors(
-    errors: Mapping[str, Array], weighted: Mapping[str, Array], precision: Mapping[str, Any]
+def cross_entropy(state: Array, logits: Array) -> Array:
+    """Categorical energy of a label node whose prediction is logits:
+    $F = -\\sum_b \\sum_k y_{bk} \\log \\operatorname{softmax}(z_b)_k$.
+
+    Use it as `pcjax.node("label", logits, energy=pcjax.cross_entropy)` with the (one-hot or
+    soft) label observed. Its gradient w.r.t. the logits is $\\operatorname{softmax}(z) - y$ for
+    labels that sum to one, so with fixed predictions PC reproduces backprop of the
+    cross-entropy loss.
+    """
+    return -jnp.sum(state * jax.nn.log_softmax(logits, axis=-1))
+
+
+def node_term(spec: Any, state: Array, prediction: Array) -> Array:
+    """One node's energy: its custom energy, or the Gaussian
+    $\\tfrac12 e^\\top P e - \\tfrac N2 \\log\\det P$ (the log-det for precision modules)."""
+    if isinstance(spec, CustomEnergy):
+        return spec.function(state, prediction)
+    error = state - prediction
+    weighted = error if spec is None else weigh(spec, error)
+    return 0.5 * jnp.sum(error * weighted) + logdet_term(spec, error)
+
+
+def total_energy(
+    values: Mapping[str, Array], predicted: Mapping[str, Array], spec: Mapping[str, Any]
 ) -> Array:
-    """$F = \\sum_i \\tfrac12 e_i \\cdot P_i e_i$ (+ the log-det terms of precision modules)."""
-    terms = [0.5 * jnp.sum(errors[name] * weighted[name]) for name in errors]
-    terms += [logdet_term(p, errors[name]) for name, p in precision.items()]
+    """$F = \\sum_i F_i(x_i, \\mu_i)$ over every predicted node; `spec` maps node names to
+    precisions or `CustomEnergy` (missing: unit-precision Gaussian)."""
+    terms = [node_term(spec.get(name), values[name], mu) for name, mu in predicted.items()]
     return sum(terms[1:], terms[0])
+
+
+def current_spec(precision: Precision | None, params: Any, checked: Mapping[str, Any]) -> dict:
+    """The node specs for `params`: precisions learned with the parameters are re-read from
+    them (custom energies kept); otherwise the checked specs."""
+    if callable(precision) and not isinstance(precision, Mapping):
+        customs = {k: v for k, v in checked.items() if isinstance(v, CustomEnergy)}
+        return {**resolve_precision(precision, params), **customs}
+    return dict(checked)
 
 
 def checked_values(
@@ -170,12 +196,20 @@ def checked_values(
 ) -> tuple[Nodes, dict[str, Any]]:
     """Validate the node values and precisions once, at trace time, before a loop uses them.
 
-    Returns all node values (states and observed) and the checked precisions.
+    Returns all node values (states and observed) and the node specs: the checked precisions
+    plus a `CustomEnergy` for every node tagged with its own energy.
     """
     values = merge_nodes(states, observed)
-    predicted = jax.eval_shape(lambda: predictions(fn, params, values, x))
+    predicted, customs = node_energies(fn, params, values, x)
     check_partition(predicted, values)
-    return values, check_precision(resolve_precision(precision, params), predicted)
+    checked = check_precision(resolve_precision(precision, params), predicted)
+    clash = sorted(set(checked) & set(customs))
+    if clash:
+        raise ValueError(
+            f"pcjax: node(s) {clash} have a custom energy (pcjax.node(..., energy=...)) and "
+            "take no precision."
+        )
+    return values, {**checked, **{k: CustomEnergy(f) for k, f in customs.items()}}
 
 
 def node_energy(
@@ -186,9 +220,7 @@ def node_energy(
     precision: Mapping[str, Any],
 ) -> Array:
     """The energy for already validated node values and precisions (the inner-loop form)."""
-    predicted = predictions(fn, params, values, x)
-    errors, weighted = weighted_errors(values, predicted, precision)
-    return energy_from_errors(errors, weighted, precision)
+    return total_energy(values, predictions(fn, params, values, x), precision)
 
 
 def energy(
@@ -243,4 +275,4 @@ def prediction_errors(
     values = merge_nodes(states, observed)
     _, predicted = run_tagged(fn, params, x, values)
     check_partition(predicted, values)
-    return weighted_errors(values, predicted, {})[0]
+    return {name: values[name] - mu for name, mu in predicted.items()}

@@ -25,9 +25,8 @@ import optax
 from ._energy import (
     Precision,
     checked_values,
-    energy_from_errors,
     node_energy,
-    weighted_errors,
+    total_energy,
 )
 from ._precision import solve
 from ._tagging import Nodes, forward_init, predictions
@@ -72,11 +71,13 @@ def fpa_state_grad_fn(
     frozen, vjp = jax.vjp(lambda v: predictions(fn, params, v, x), feedforward)
 
     def value_and_grad(states: Nodes) -> tuple[Array, Nodes]:
+        # dF/dx_i = (own term)_i + sum_c J_c(x_hat)^T dF_c/dmu_c, with mu frozen at x_hat.
         values = {**states, **observed}
-        errors, weighted = weighted_errors(values, frozen, precision)
-        (back,) = vjp(weighted)
-        grads = {name: weighted[name] - back[name] for name in states}
-        return energy_from_errors(errors, weighted, precision), grads
+        value, (own, cotangent) = jax.value_and_grad(
+            lambda v, mu: total_energy(v, mu, precision), (0, 1)
+        )(values, frozen)
+        (back,) = vjp(cotangent)
+        return value, {name: own[name] + back[name] for name in states}
 
     return value_and_grad
 

@@ -20,10 +20,9 @@ from ._energy import (
     Precision,
     batch_size,
     checked_values,
-    energy_from_errors,
+    current_spec,
     node_energy,
-    resolve_precision,
-    weighted_errors,
+    total_energy,
 )
 from ._inference import (
     DIVERGED_MESSAGE,
@@ -54,29 +53,23 @@ def _energy_grads(
     parameters, is called inside the differentiated function so that they get gradients.
     """
     diff, static = eqx.partition(params, eqx.is_inexact_array)
-    learned = callable(learnable) and not isinstance(learnable, Mapping)
 
-    def precision_of(d):
-        return resolve_precision(learnable, eqx.combine(d, static)) if learned else precision
+    def spec_of(d):
+        return current_spec(learnable, eqx.combine(d, static), precision)
 
     if not fixed_predictions:
         return jax.value_and_grad(
-            lambda d: node_energy(fn, eqx.combine(d, static), values, x, precision_of(d))
+            lambda d: node_energy(fn, eqx.combine(d, static), values, x, spec_of(d))
         )(diff)
-    # FPA: the predictions' parameter Jacobians are taken at the feedforward states.
+    # FPA: the predictions' parameter Jacobians are taken at the feedforward states; learned
+    # precisions also enter the energy directly.
     feedforward = forward_init(fn, params, x)
     frozen, vjp = jax.vjp(lambda d: predictions(fn, eqx.combine(d, static), feedforward, x), diff)
-    errors, weighted = weighted_errors(values, frozen, precision)
-    (grads,) = vjp(jax.tree.map(jnp.negative, weighted))
-    if not learned:
-        return energy_from_errors(errors, weighted, precision), grads
-
-    def precision_energy(d):  # the energy's direct dependence on learned precisions
-        prec = precision_of(d)
-        return energy_from_errors(errors, weighted_errors(values, frozen, prec)[1], prec)
-
-    value, precision_grads = jax.value_and_grad(precision_energy)(diff)
-    return value, jax.tree.map(jnp.add, grads, precision_grads)
+    value, (cotangent, direct) = jax.value_and_grad(
+        lambda mu, d: total_energy(values, mu, spec_of(d)), (0, 1)
+    )(frozen, diff)
+    (grads,) = vjp(cotangent)
+    return value, jax.tree.map(jnp.add, grads, direct)
 
 
 def param_grads(
@@ -206,7 +199,7 @@ def train_step(
             apply,
             precondition,
         )
-        final_precision = _current_precision(precision, params, checked)
+        final_precision = current_spec(precision, params, checked)
         value = node_energy(fn, params, {**states, **observed}, x, final_precision)
         taken = jnp.asarray(steps, jnp.int32)
     else:
@@ -234,13 +227,6 @@ def train_step(
     return params, opt_state, TrainInfo(value, diverged, taken)
 
 
-def _current_precision(spec: Precision | None, params: Any, checked: dict) -> Mapping:
-    """Precisions learned with the parameters are re-read from them; fixed ones are kept."""
-    if callable(spec) and not isinstance(spec, Mapping):
-        return resolve_precision(spec, params)
-    return checked
-
-
 def _incremental(
     fn, params, opt_state, states, x, observed, precisions, steps, state_opt, apply, precondition
 ):
@@ -251,13 +237,13 @@ def _incremental(
     def joint_energy(diff, states):
         values = {**states, **observed}
         params = eqx.combine(diff, static)
-        return node_energy(fn, params, values, x, _current_precision(spec, params, checked))
+        return node_energy(fn, params, values, x, current_spec(spec, params, checked))
 
     def body(carry, _):
         diff, opt_state, states, state_opt_state = carry
         param_grads, state_grads = jax.grad(joint_energy, (0, 1))(diff, states)
         if precondition:
-            precision = _current_precision(spec, eqx.combine(diff, static), checked)
+            precision = current_spec(spec, eqx.combine(diff, static), checked)
             state_grads = {
                 k: solve(precision[k], g) if k in precision else g for k, g in state_grads.items()
             }

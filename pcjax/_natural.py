@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._energy import Precision, batch_size, checked_values
+from ._energy import CustomEnergy, Precision, batch_size, checked_values
 from ._precision import dense_matrix, weigh
 from ._tagging import _Tape, predictions, run_tagged
 
@@ -91,6 +91,12 @@ def fisher_statistics(
     if mode not in MODES:
         raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
     values, checked = checked_values(fn, params, dict(states), x, observed, precision)
+    custom = sorted(k for k, v in checked.items() if isinstance(v, CustomEnergy))
+    if custom:
+        raise ValueError(
+            f"pcjax.fisher_statistics: node(s) {custom} have a custom energy; the Fisher here is "
+            "that of Gaussian nodes (precision P), so natural gradients need Gaussian nodes."
+        )
     diff, static = eqx.partition(params, eqx.is_inexact_array)
     if mode == "matrix_free":
 

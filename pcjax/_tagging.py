@@ -37,8 +37,10 @@ class _Tape:
         # each tagged value became (by object identity).
         self.dense: list[DenseUse] | None = [] if record_dense else None
         self.node_of: dict[int, str] = {}
+        # Nodes with a non-Gaussian energy (`pcjax.node(..., energy=f)`).
+        self.energies: dict[str, Callable[[Array, Array], Array]] = {}
 
-    def visit(self, name: str, value: Array) -> Array:
+    def visit(self, name: str, value: Array, energy=None) -> Array:
         if not isinstance(name, str):
             raise TypeError(f"pcjax.node: the node name must be a str, got {name!r}.")
         if name in self.predictions:
@@ -51,6 +53,13 @@ class _Tape:
                 f"pcjax.node: node {name!r} must tag one array, got {type(value).__name__}. "
                 "Tag each array of a pytree as its own node."
             )
+        if energy is not None:
+            if not callable(energy):
+                raise TypeError(
+                    f"pcjax.node: the energy of node {name!r} must be a function "
+                    f"(state, prediction) -> scalar, got {type(energy).__name__}."
+                )
+            self.energies[name] = energy
         if self.dense is not None:
             self.node_of[id(value)] = name
         value = jnp.asarray(value)
@@ -72,7 +81,9 @@ _active_tape: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
 )
 
 
-def node(name: str, value: Array) -> Array:
+def node(
+    name: str, value: Array, *, energy: Callable[[Array, Array], Array] | None = None
+) -> Array:
     """Tag `value` as the prediction of the PC node `name`.
 
     Called outside pcjax this returns `value` unchanged, so a tagged function is still an
@@ -85,6 +96,10 @@ def node(name: str, value: Array) -> Array:
 
     - `name`: a name unique within one call of the function.
     - `value`: one array, the prediction of the node computed from its parents.
+    - `energy`: the node's energy term as a function `(state, prediction) -> scalar` (summed
+      over the batch), replacing the default Gaussian $\\tfrac12 e^\\top P e$; e.g.
+      `pcjax.cross_entropy` for a label node whose prediction is logits. Such nodes take no
+      precision and no natural gradient.
 
     **Returns:** `value`, or the node's state when pcjax substitutes states.
 
@@ -96,7 +111,7 @@ def node(name: str, value: Array) -> Array:
     tape = _active_tape.get()
     if tape is None:
         return value
-    return tape.visit(name, value)
+    return tape.visit(name, value, energy)
 
 
 class DenseUse(NamedTuple):
@@ -179,6 +194,15 @@ def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
     """
     _, predictions = run_tagged(fn, params, x, None)
     return predictions
+
+
+def node_energies(
+    fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any
+) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Callable]]:
+    """Shapes of every node's prediction and the custom energies, from an abstract trace."""
+    tape = _Tape(values)
+    shapes = jax.eval_shape(lambda: run_tagged(fn, params, x, values, tape)[1])
+    return shapes, dict(tape.energies)
 
 
 def predictions(fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any) -> Nodes:

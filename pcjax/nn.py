@@ -7,6 +7,9 @@ natural-gradient modes see them. Node granularity is a constructor option where 
 (`nodes="layer"` or `"op"`); the node names are listed by `pcjax.forward_init(pcjax.nn.call,
 model, x)`. Tag your own equinox models the same way: call `pcjax.node` inside `__call__`.
 
+Every builder takes `output_energy` (e.g. `pcjax.cross_entropy` for a classifier whose output
+node holds logits); the default is the Gaussian energy.
+
 Builders: `MLP`, `VGG` (convolution, max pooling, dense), `ResNet` (skip connections: a node
 with two parents; optional muPC branch scaling), `LSTM` (unrolled over time, nodes per time step
 and, with `nodes="op"`, per gate) and `TransformerBlock` (self-attention and MLP with layer norm).
@@ -105,9 +108,16 @@ class MLP(eqx.Module):
     layers: list[Linear]
     activation: Callable[[Array], Array] = eqx.field(static=True)
     prefix: str = eqx.field(static=True)
+    output_energy: Callable | None = eqx.field(static=True)
 
     def __init__(
-        self, sizes: Sequence[int], *, key: Array, activation=jax.nn.gelu, prefix: str = "h"
+        self,
+        sizes: Sequence[int],
+        *,
+        key: Array,
+        activation=jax.nn.gelu,
+        prefix: str = "h",
+        output_energy: Callable | None = None,
     ):
         if len(sizes) < 2:
             raise ValueError(f"pcjax.nn.MLP: `sizes` needs at least 2 entries, got {sizes}.")
@@ -115,12 +125,15 @@ class MLP(eqx.Module):
         self.layers = [Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)]
         self.activation = activation
         self.prefix = prefix
+        self.output_energy = output_energy
 
     def __call__(self, x: Array) -> Array:
         h = x
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = node(f"{self.prefix}{i}", layer(h))
-            if i < len(self.layers) - 1:
+            energy = self.output_energy if i == last else None
+            h = node(f"{self.prefix}{i}", layer(h), energy=energy)
+            if i < last:
                 h = self.activation(h)
         return h
 
@@ -135,6 +148,7 @@ class VGG(eqx.Module):
     convs: list[Conv2d]
     dense_layers: list[Linear]
     pool_after: tuple[int, ...] = eqx.field(static=True)
+    output_energy: Callable | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -146,6 +160,7 @@ class VGG(eqx.Module):
         *,
         key: Array,
         pool_after: Sequence[int] | None = None,
+        output_energy: Callable | None = None,
     ):
         pool_after = tuple(range(len(channels))) if pool_after is None else tuple(pool_after)
         keys = jax.random.split(key, len(channels) + len(hidden) + 1)
@@ -157,6 +172,7 @@ class VGG(eqx.Module):
             Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys[len(channels) :])
         ]
         self.pool_after = pool_after
+        self.output_energy = output_energy
 
     def __call__(self, x: Array) -> Array:
         h = x
@@ -165,9 +181,10 @@ class VGG(eqx.Module):
             if i in self.pool_after:
                 h = max_pool(h)
         h = h.reshape(h.shape[0], -1)
+        last = len(self.dense_layers) - 1
         for j, layer in enumerate(self.dense_layers):
-            h = node(f"fc{j}", layer(h))
-            if j < len(self.dense_layers) - 1:
+            h = node(f"fc{j}", layer(h), energy=self.output_energy if j == last else None)
+            if j < last:
                 h = jax.nn.relu(h)
         return h
 
@@ -186,6 +203,7 @@ class ResNet(eqx.Module):
     branches: list[tuple[Linear, Linear]]
     head: Linear
     branch_scale: float = eqx.field(static=True)
+    output_energy: Callable | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -197,6 +215,7 @@ class ResNet(eqx.Module):
         key: Array,
         mupc: bool = False,
         branch_scale: float = 1.0,
+        output_energy: Callable | None = None,
     ):
         keys = jax.random.split(key, 2 * depth + 2)
         self.stem = Linear(in_features, width, key=keys[0])
@@ -206,13 +225,14 @@ class ResNet(eqx.Module):
         ]
         self.head = Linear(width, out_features, key=keys[-1])
         self.branch_scale = 1.0 / math.sqrt(width * depth) if mupc else branch_scale
+        self.output_energy = output_energy
 
     def __call__(self, x: Array) -> Array:
         h = node("stem", self.stem(x))
         for b, (first, second) in enumerate(self.branches):
             hidden = node(f"block{b}_hidden", first(jax.nn.relu(h)))
             h = node(f"block{b}", h + self.branch_scale * second(jax.nn.relu(hidden)))
-        return node("out", self.head(jax.nn.relu(h)))
+        return node("out", self.head(jax.nn.relu(h)), energy=self.output_energy)
 
 
 class LSTM(eqx.Module):
@@ -228,9 +248,17 @@ class LSTM(eqx.Module):
     bias: Array
     head: Linear
     nodes: str = eqx.field(static=True)
+    output_energy: Callable | None = eqx.field(static=True)
 
     def __init__(
-        self, in_features: int, hidden: int, out_features: int, *, key: Array, nodes: str = "layer"
+        self,
+        in_features: int,
+        hidden: int,
+        out_features: int,
+        *,
+        key: Array,
+        nodes: str = "layer",
+        output_energy: Callable | None = None,
     ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.input_weights = jax.random.normal(k1, (in_features, 4 * hidden)) / math.sqrt(
@@ -240,6 +268,7 @@ class LSTM(eqx.Module):
         self.bias = jnp.zeros(4 * hidden).at[hidden : 2 * hidden].set(1.0)  # forget gate bias
         self.head = Linear(hidden, out_features, key=k3)
         self.nodes = _check_nodes(nodes)
+        self.output_energy = output_energy
 
     def __call__(self, x: Array) -> Array:
         if x.ndim != 3:
@@ -254,7 +283,7 @@ class LSTM(eqx.Module):
             i, f, g, o = jnp.split(gates, 4, axis=-1)
             c = node(f"c{t}", jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g))
             h = node(f"h{t}", jax.nn.sigmoid(o) * jnp.tanh(c))
-        return node("out", self.head(h))
+        return node("out", self.head(h), energy=self.output_energy)
 
 
 class TransformerBlock(eqx.Module):
@@ -273,6 +302,7 @@ class TransformerBlock(eqx.Module):
     head: Linear
     heads: int = eqx.field(static=True)
     nodes: str = eqx.field(static=True)
+    output_energy: Callable | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -283,6 +313,7 @@ class TransformerBlock(eqx.Module):
         *,
         key: Array,
         nodes: str = "layer",
+        output_energy: Callable | None = None,
     ):
         if d_model % heads:
             raise ValueError(
@@ -296,6 +327,7 @@ class TransformerBlock(eqx.Module):
         self.head = Linear(d_model, out_features, key=keys[4])
         self.heads = heads
         self.nodes = _check_nodes(nodes)
+        self.output_energy = output_energy
 
     def _attention(self, x: Array) -> Array:
         batch, length, d_model = x.shape
@@ -321,4 +353,4 @@ class TransformerBlock(eqx.Module):
         h = node("res1", x + node("attn", self._attention(x)))
         hidden = node("mlp_hidden", self.mlp_in(layer_norm(h)))
         h = node("res2", h + self.mlp_out(jax.nn.gelu(hidden)))
-        return node("out", self.head(jnp.mean(h, axis=1)))
+        return node("out", self.head(jnp.mean(h, axis=1)), energy=self.output_energy)

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import rel_error
 
@@ -108,3 +109,66 @@ def test_node_names_and_granularity():
 def test_mupc_scales_residual_branches():
     model = nn.ResNet(4, 16, 4, 2, key=KEY, mupc=True)
     np.testing.assert_allclose(model.branch_scale, 1 / np.sqrt(16 * 4))
+
+
+CROSS_ENTROPY = {
+    "mlp": lambda k: (nn.MLP([6, 8, 4], key=k, output_energy=pc.cross_entropy), (5, 6), "h1"),
+    "vgg": lambda k: (
+        nn.VGG(2, [4], [6], 4, image_size=8, key=k, output_energy=pc.cross_entropy),
+        (3, 8, 8, 2),
+        "fc1",
+    ),
+    "resnet": lambda k: (
+        nn.ResNet(6, 8, 2, 4, key=k, output_energy=pc.cross_entropy),
+        (5, 6),
+        "out",
+    ),
+    "lstm": lambda k: (nn.LSTM(3, 6, 4, key=k, output_energy=pc.cross_entropy), (4, 5, 3), "out"),
+    "transformer": lambda k: (
+        nn.TransformerBlock(8, 2, 16, 4, key=k, output_energy=pc.cross_entropy),
+        (3, 5, 8),
+        "out",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CROSS_ENTROPY))
+def test_cross_entropy_output_with_fixed_predictions_equals_backprop(name):
+    k1, k2, k3 = jax.random.split(jax.random.fold_in(KEY, 7), 3)
+    model, shape, output = CROSS_ENTROPY[name](k1)
+    model = f32(model)
+    x = jax.random.normal(k2, shape, jnp.float32)
+    labels = jax.nn.one_hot(jax.random.randint(k3, (shape[0],), 0, 4), 4)
+    nodes = pc.forward_init(nn.call, model, x)
+    latent = {k: v for k, v in nodes.items() if k != output}
+    states, _ = pc.infer(
+        nn.call,
+        model,
+        latent,
+        x,
+        {output: labels},
+        steps=len(nodes),
+        step_size=1.0,
+        fixed_predictions=True,
+    )
+    grads = pc.param_grads(nn.call, model, states, x, {output: labels}, fixed_predictions=True)
+    loss = lambda m: optax.softmax_cross_entropy(m(x), labels).sum()  # noqa: E731
+    reference = eqx.filter_grad(loss)(model)
+    assert rel_error(grads, reference) < 1e-4, name
+    # The energy at the feedforward states is the cross-entropy loss itself.
+    np.testing.assert_allclose(
+        pc.energy(nn.call, model, latent, x, {output: labels}), loss(model), rtol=1e-5
+    )
+
+
+def test_custom_energy_nodes_take_no_precision_or_fisher():
+    model = nn.MLP([3, 4, 2], key=KEY, output_energy=pc.cross_entropy)
+    x = jnp.ones((2, 3))
+    latent = {"h0": pc.forward_init(nn.call, model, x)["h0"]}
+    labels = jnp.eye(2)
+    with pytest.raises(ValueError, match=r"\['h1'\] have a custom energy.*take no precision"):
+        pc.energy(nn.call, model, latent, x, {"h1": labels}, precision={"h1": 2.0})
+    with pytest.raises(ValueError, match="natural gradients need Gaussian nodes"):
+        pc.fisher_statistics(nn.call, model, latent, x, {"h1": labels})
+    with pytest.raises(TypeError, match="energy of node 'a' must be a function"):
+        pc.forward_init(lambda p, x: pc.node("a", x, energy="cross_entropy"), None, x)
