@@ -7,6 +7,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 from . import nn
 from ._energy import cross_entropy, energy, prediction_errors
 from ._inference import InferInfo, infer
+from ._langevin import LangevinState, langevin
 from ._learning import TrainInfo, param_grads, train_step
 from ._natural import (
     FisherOperator,
@@ -32,6 +33,7 @@ __all__ = [
     "FullPrecision",
     "InferInfo",
     "KroneckerFactors",
+    "LangevinState",
     "NaturalGradientState",
     "Precision",
     "ScalarPrecision",
@@ -43,6 +45,7 @@ __all__ = [
     "fisher_statistics",
     "forward_init",
     "infer",
+    "langevin",
     "natural_gradient",
     "nn",
     "node",
