@@ -4,7 +4,7 @@ Monte Carlo PC (Oliviers, Bogacz & Meulemans 2024, "Learning probability distrib
 inputs with Monte Carlo predictive coding") replaces gradient descent on the states by the
 unadjusted Langevin algorithm
 
-$$x \\leftarrow x - \\eta \\nabla_x F + \\sqrt{2\\eta T}\\,\\xi,\\quad \\xi \\sim \\mathcal N(0, I),$$
+$$x \\leftarrow x - \\eta \\nabla_x F + \\sqrt{2\\eta T}\\,\\xi, \\quad \\xi \\sim N(0, I),$$
 
 whose stationary distribution is $p(x) \\propto e^{-F(x)/T}$: at $T = 1$ the posterior of the
 latent states (up to an $O(\\eta)$ discretisation bias), instead of its mode. Learning from the
