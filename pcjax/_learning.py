@@ -32,6 +32,7 @@ from ._inference import (
     state_grad_fn,
 )
 from ._natural import fisher_statistics, uses_fisher
+from ._nudging import nudged_grads
 from ._precision import solve
 from ._tagging import Nodes, forward_init, predictions
 
@@ -127,6 +128,8 @@ def train_step(
     precondition: bool = False,
     incremental: bool = False,
     fisher: str | None = None,
+    nudging: str | None = None,
+    nudge: float = 0.1,
     tol: float | None = None,
     mean_over_batch: bool = True,
     raise_on_divergence: bool = False,
@@ -152,6 +155,10 @@ def train_step(
     `pcjax.precision_weighted_gradient` (the optimizer must take extra arguments, e.g. an
     `optax.chain` containing one of them).
 
+    `nudging` (`"positive"`, `"negative"` or `"centred"`) leaves the observed nodes free and
+    pulls them towards their values with strength `nudge` (beta), as in equilibrium
+    propagation and the PCX benchmark; see `pcjax._nudging` for the three estimates.
+
     With `mean_over_batch=True` (default) the parameter gradients are divided by the batch
     size, the leading axis of the observed nodes, so that the learning rate does not depend on
     it; the state updates never depend on it (the energy is a per-sample sum).
@@ -164,8 +171,15 @@ def train_step(
     **Returns:** `(params, opt_state, info)` with a `TrainInfo`.
     """
     check_steps(steps, tol)
-    if incremental and (tol is not None or fisher is not None):
-        raise ValueError("pcjax: `tol` and `fisher` are not supported with `incremental=True`.")
+    if incremental and (tol is not None or fisher is not None or nudging is not None):
+        raise ValueError(
+            "pcjax: `tol`, `fisher` and `nudging` are not supported with `incremental=True`."
+        )
+    if nudging is not None and (fixed_predictions or fisher is not None or precondition):
+        raise ValueError(
+            "pcjax: `nudging` does not combine with `fixed_predictions`, `fisher` or "
+            "`precondition`."
+        )
     if fisher is not None and not uses_fisher(opt_state):
         raise ValueError(
             f"pcjax.train_step: fisher={fisher!r} passes statistics to the optimizer, which must "
@@ -202,6 +216,24 @@ def train_step(
         final_precision = current_spec(precision, params, checked)
         value = node_energy(fn, params, {**states, **observed}, x, final_precision)
         taken = jnp.asarray(steps, jnp.int32)
+    elif nudging is not None:
+        value, grads, taken = nudged_grads(
+            fn,
+            params,
+            x,
+            forward_init(fn, params, x),
+            observed,
+            checked,
+            nudging=nudging,
+            beta=nudge,
+            steps=steps,
+            optimizer=state_optimizer,
+            tol=tol,
+            param_grads=lambda states, spec: _energy_grads(
+                fn, params, states, x, spec, False, precision
+            ),
+        )
+        params, opt_state = apply(params, opt_state, grads)
     else:
         grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
         states, taken, _ = relax(

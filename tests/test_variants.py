@@ -3,11 +3,16 @@ output nudging."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+from conftest import mlp, rel_error
 
 import pcjax as pc
+from pcjax import nn
 
 
 def test_langevin_inference_samples_the_linear_gaussian_posterior():
@@ -55,3 +60,75 @@ def test_langevin_inference_samples_the_linear_gaussian_posterior():
         precision=precision,
     )
     np.testing.assert_allclose(modes["z"][0], mean, rtol=1e-4)
+
+
+def nudged_gradient(model, x, y, nudging, beta):
+    """The gradient estimate of one nudged train_step (SGD with step 1, summed over batch)."""
+    optimizer = optax.sgd(1.0)
+    new, _, info = pc.train_step(
+        nn.call,
+        model,
+        optimizer.init(model),
+        x,
+        {"h1": y},
+        optimizer=optimizer,
+        steps=4000,
+        step_size=0.2,
+        tol=1e-11,
+        nudging=nudging,
+        nudge=beta,
+        mean_over_batch=False,
+    )
+    assert int(info.inference_steps) < 4000
+    return jax.tree.map(lambda a, b: a - b, model, new)
+
+
+@pytest.mark.parametrize("energy", [None, pc.cross_entropy])
+def test_nudging_estimates_approach_backprop(energy):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
+    model = nn.MLP([4, 6, 3], key=k1, activation=jnp.tanh, output_energy=energy)
+    x = jax.random.normal(k2, (8, 4))
+    if energy is None:
+        y = jax.random.normal(k3, (8, 3))
+        loss = lambda m: 0.5 * jnp.sum((y - m(x)) ** 2)  # noqa: E731
+    else:
+        y = jax.nn.one_hot(jax.random.randint(k3, (8,), 0, 3), 3)
+        loss = lambda m: optax.softmax_cross_entropy(m(x), y).sum()  # noqa: E731
+    reference = eqx.filter_grad(loss)(model)
+    errors = {
+        (nudging, beta): rel_error(nudged_gradient(model, x, y, nudging, beta), reference)
+        for nudging in ["positive", "negative", "centred"]
+        for beta in [0.1, 0.01]
+    }
+    for nudging in ["positive", "negative", "centred"]:
+        assert errors[nudging, 0.01] < errors[nudging, 0.1], errors
+    assert errors["centred", 0.1] < min(errors["positive", 0.1], errors["negative", 0.1]), errors
+    assert errors["centred", 0.01] < 1e-3 and errors["positive", 0.01] < 0.05, errors
+
+
+def test_nudging_arguments_are_checked(problem):
+    params, x, observed, _ = problem
+    optimizer = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="`nudging` must be one of"):
+        pc.train_step(
+            mlp,
+            params,
+            optimizer.init(params),
+            x,
+            observed,
+            optimizer=optimizer,
+            steps=2,
+            nudging="both",
+        )
+    with pytest.raises(ValueError, match="`nudge` must be positive"):
+        pc.train_step(
+            mlp,
+            params,
+            optimizer.init(params),
+            x,
+            observed,
+            optimizer=optimizer,
+            steps=2,
+            nudging="centred",
+            nudge=0.0,
+        )
