@@ -188,8 +188,9 @@ def train_step(
         )
     state_optimizer = default_state_optimizer(state_optimizer, step_size)
     observed = dict(observed)
-    states = {k: v for k, v in forward_init(fn, params, x).items() if k not in observed}
-    _values, checked = checked_values(fn, params, states, x, observed, precision)
+    feedforward = forward_init(fn, params, x)
+    states = {k: v for k, v in feedforward.items() if k not in observed}
+    _, checked = checked_values(fn, params, states, x, observed, precision)
     scale = 1.0 / batch_size(observed) if mean_over_batch else 1.0
 
     def apply(params, opt_state, grads, **extra_args):
@@ -221,7 +222,7 @@ def train_step(
             fn,
             params,
             x,
-            forward_init(fn, params, x),
+            feedforward,
             observed,
             checked,
             nudging=nudging,
