@@ -88,10 +88,17 @@ class Conv2d(eqx.Module):
 
 
 def max_pool(x: Array, size: int = 2) -> Array:
-    """Non-overlapping `size x size` max pooling of NHWC inputs."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, size, size, 1), "VALID"
-    )
+    """Non-overlapping `size x size` max pooling of NHWC inputs (edges that do not fill a
+    window are dropped).
+
+    Written as a reshape and a max over the window axes: its gradient is a cheap mask instead
+    of the select-and-scatter that `lax.reduce_window` differentiates to, and PC inference
+    differentiates through every pooling layer at every step.
+    """
+    batch, height, width, channels = x.shape
+    h, w = height // size, width // size
+    windows = x[:, : h * size, : w * size].reshape(batch, h, size, w, size, channels)
+    return jnp.max(windows, axis=(2, 4))
 
 
 def layer_norm(x: Array, eps: float = 1e-5) -> Array:

@@ -106,9 +106,17 @@ def test_node_names_and_granularity():
         nn.TransformerBlock(5, 2, 8, 1, key=k)
 
 
-def test_mupc_scales_residual_branches():
-    model = nn.ResNet(4, 16, 4, 2, key=KEY, mupc=True)
-    np.testing.assert_allclose(model.branch_scale, 1 / np.sqrt(16 * 4))
+def test_mupc_keeps_deep_residual_activity_stable():
+    """muPC's 1/sqrt(N L) branch scaling keeps the residual stream O(1) at depth 64, where
+    unscaled branches blow it up by orders of magnitude."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+    scales = {}
+    for mupc in (False, True):
+        model = nn.ResNet(16, 32, 64, 4, key=KEY, mupc=mupc)
+        nodes = pc.forward_init(nn.call, model, x)
+        scales[mupc] = float(jnp.std(nodes["block63"]) / jnp.std(nodes["stem"]))
+    np.testing.assert_allclose(nn.ResNet(4, 16, 4, 2, key=KEY, mupc=True).branch_scale, 1 / 8)
+    assert 0.5 < scales[True] < 2.0 and scales[False] > 100.0, scales
 
 
 CROSS_ENTROPY = {
