@@ -164,8 +164,9 @@ def node_term(spec: Any, state: Array, prediction: Array) -> Array:
     if isinstance(spec, CustomEnergy):
         return spec.function(state, prediction)
     error = state - prediction
-    weighted = error if spec is None else weigh(spec, error)
-    return 0.5 * jnp.sum(error * weighted) + logdet_term(spec, error)
+    if spec is None:  # unit precision: the simplest gradient, just the error
+        return 0.5 * jnp.sum(jnp.square(error))
+    return 0.5 * jnp.sum(error * weigh(spec, error)) + logdet_term(spec, error)
 
 
 def total_energy(
