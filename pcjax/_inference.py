@@ -111,6 +111,24 @@ def state_grad_fn(
     return preconditioned
 
 
+UNROLL_LIMIT = 16
+
+
+def scan_unroll(steps: int, unroll: int | bool | None) -> int | bool:
+    """The `unroll` argument for `lax.scan`: None means fully unrolled up to 16 steps.
+
+    Unrolling matters on XLA:CPU, where a convolution inside a loop body runs several times
+    slower than the same convolution outside a loop (VGG-style CNN, T = 8: 2.5-6x faster
+    unrolled); for dense layers it makes no measurable difference. Long loops stay rolled to
+    bound compilation time.
+    """
+    if unroll is None:
+        return True if steps <= UNROLL_LIMIT else 1
+    if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
+        return unroll
+    raise ValueError(f"pcjax: `unroll` must be None, a bool or a positive int, got {unroll!r}.")
+
+
 def relax(
     value_and_grad: StateGradFn,
     states: Nodes,
@@ -119,13 +137,15 @@ def relax(
     optimizer: optax.GradientTransformation,
     tol: float | None,
     record_energy: bool,
+    unroll: int | bool | None = None,
 ) -> tuple[Nodes, Array, Array | None]:
     """Run the state optimizer on the energy.
 
     Returns the new states, the number of updates and the per-step energies (or None). With
     `tol`, stops once the global norm of the state gradient is at most `tol` (a
     `lax.while_loop`; a NaN gradient stops it too); otherwise makes exactly `steps` updates
-    (`lax.scan`, memory independent of `steps` unless energies are recorded).
+    (`lax.scan`, memory independent of `steps` unless energies are recorded; `unroll` as in
+    `scan_unroll`).
 
     The energy itself is only evaluated when it is recorded: divergence is judged by the
     caller from the energy at the returned states, since a NaN or inf in the states persists.
@@ -143,7 +163,9 @@ def relax(
             value, grads = value_and_grad(states)  # value is dead code unless recorded
             return update(states, opt_state, grads), value if record_energy else None
 
-        (states, _), energies = jax.lax.scan(body, (states, opt_state), length=steps)
+        (states, _), energies = jax.lax.scan(
+            body, (states, opt_state), length=steps, unroll=scan_unroll(steps, unroll)
+        )
         return states, jnp.asarray(steps, jnp.int32), energies
 
     value, grads = value_and_grad(states)
@@ -198,6 +220,7 @@ def infer(
     tol: float | None = None,
     record_energy: bool = False,
     raise_on_divergence: bool = False,
+    unroll: int | bool | None = None,
 ) -> tuple[Nodes, InferInfo]:
     """Relax the free node states by gradient descent on the energy.
 
@@ -220,17 +243,27 @@ def infer(
     - `record_energy`: also return the energy before each update (`info.energies`).
     - `raise_on_divergence`: raise a runtime error (`eqx.error_if`) instead of only reporting
       a non-finite energy in `info.diverged`.
+    - `unroll`: how far to unroll the `lax.scan` over steps (ignored with `tol`); default None:
+      fully unrolled when `steps <= 16`, else rolled. Unrolled CNN steps run several times
+      faster on CPU; long unrolled loops compile slowly.
 
     **Returns:** `(states, info)`: the relaxed states and an `InferInfo`.
     """
     check_steps(steps, tol)
+    scan_unroll(steps, unroll)  # validates `unroll`
     optimizer = default_state_optimizer(optimizer, step_size)
     observed = {} if observed is None else dict(observed)
     states = dict(states)
     _, checked = checked_values(fn, params, states, x, observed, precision)
     grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
     states, taken, energies = relax(
-        grad_fn, states, steps=steps, optimizer=optimizer, tol=tol, record_energy=record_energy
+        grad_fn,
+        states,
+        steps=steps,
+        optimizer=optimizer,
+        tol=tol,
+        record_energy=record_energy,
+        unroll=unroll,
     )
     if fixed_predictions:
         final = grad_fn(states)[0]  # the FPA energy uses the frozen predictions

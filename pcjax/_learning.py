@@ -29,6 +29,7 @@ from ._inference import (
     check_steps,
     default_state_optimizer,
     relax,
+    scan_unroll,
     state_grad_fn,
 )
 from ._natural import fisher_statistics, uses_fisher
@@ -133,6 +134,7 @@ def train_step(
     tol: float | None = None,
     mean_over_batch: bool = True,
     raise_on_divergence: bool = False,
+    unroll: int | bool | None = None,
 ) -> tuple[Any, optax.OptState, TrainInfo]:
     """One PC training step: feedforward initialisation, inference, then a parameter update.
 
@@ -163,6 +165,9 @@ def train_step(
     size, the leading axis of the observed nodes, so that the learning rate does not depend on
     it; the state updates never depend on it (the energy is a per-sample sum).
 
+    `unroll` controls the unrolling of the inference loop as in `pcjax.infer` (default: fully
+    unrolled up to 16 steps).
+
     Initialise the optimizer state with `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`.
     Jit it with the static options bound, e.g.
     `jax.jit(functools.partial(pcjax.train_step, fn, optimizer=opt, steps=20))`
@@ -171,6 +176,7 @@ def train_step(
     **Returns:** `(params, opt_state, info)` with a `TrainInfo`.
     """
     check_steps(steps, tol)
+    scan_unroll(steps, unroll)  # validates `unroll`
     if incremental and (tol is not None or fisher is not None or nudging is not None):
         raise ValueError(
             "pcjax: `tol`, `fisher` and `nudging` are not supported with `incremental=True`."
@@ -213,6 +219,7 @@ def train_step(
             state_optimizer,
             apply,
             precondition,
+            unroll,
         )
         final_precision = current_spec(precision, params, checked)
         value = node_energy(fn, params, {**states, **observed}, x, final_precision)
@@ -233,6 +240,7 @@ def train_step(
             param_grads=lambda states, spec: _energy_grads(
                 fn, params, states, x, spec, False, precision
             ),
+            unroll=unroll,
         )
         params, opt_state = apply(params, opt_state, grads)
     else:
@@ -244,6 +252,7 @@ def train_step(
             optimizer=state_optimizer,
             tol=tol,
             record_energy=False,
+            unroll=unroll,
         )
         value, grads = _energy_grads(
             fn, params, {**states, **observed}, x, checked, fixed_predictions, precision
@@ -261,7 +270,18 @@ def train_step(
 
 
 def _incremental(
-    fn, params, opt_state, states, x, observed, precisions, steps, state_opt, apply, precondition
+    fn,
+    params,
+    opt_state,
+    states,
+    x,
+    observed,
+    precisions,
+    steps,
+    state_opt,
+    apply,
+    precondition,
+    unroll,
 ):
     """iPC: states and parameters descend the energy together, one joint backward pass a step."""
     checked, spec = precisions
@@ -287,5 +307,7 @@ def _incremental(
         return (diff, opt_state, states, state_opt_state), None
 
     init = (diff, opt_state, states, state_opt.init(states))
-    (diff, opt_state, states, _), _ = jax.lax.scan(body, init, length=steps)
+    (diff, opt_state, states, _), _ = jax.lax.scan(
+        body, init, length=steps, unroll=scan_unroll(steps, unroll)
+    )
     return eqx.combine(diff, static), opt_state, states

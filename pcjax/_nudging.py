@@ -48,6 +48,7 @@ def nudged_grads(
     optimizer: optax.GradientTransformation,
     tol: float | None,
     param_grads: Callable[[Mapping[str, Array], Mapping[str, Any]], tuple[Array, Any]],
+    unroll: int | bool | None = None,
 ) -> tuple[Array, Any, Array]:
     """The nudged parameter-gradient estimate; returns `(energy, grads, inference steps)`.
 
@@ -76,6 +77,7 @@ def nudged_grads(
             optimizer=optimizer,
             tol=tol,
             record_energy=False,
+            unroll=unroll,
         )
         return (*param_grads(states, internal), taken)
 

@@ -1,4 +1,5 @@
-"""Data sets: MNIST from its canonical IDX files, and a small bundled fallback.
+"""Data sets: MNIST from its canonical IDX files, CIFAR-10 from a local copy, and small
+fallbacks that need no download.
 
 `load_mnist` looks for the four canonical files (`train-images-idx3-ubyte.gz`, ...) in a
 directory (the `data_dir` argument, else the `PCJAX_DATA_DIR` environment variable, else
@@ -42,7 +43,8 @@ class DatasetUnavailableError(RuntimeError):
 
 
 class Dataset(NamedTuple):
-    """Images as float32 in [0, 1], shape `(n, height, width)`; labels as int32, shape `(n,)`."""
+    """Images as float32 in [0, 1], shape `(n, height, width)` (grey) or `(n, height, width, 3)`
+    (colour); labels as int32, shape `(n,)`."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -175,3 +177,102 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     n_test = round(test_fraction * len(labels))
     test, train = order[:n_test], order[n_test:]
     return Dataset(images[train], labels[train], images[test], labels[test], name="UCI digits")
+
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import pickle
+
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    try:
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (TypeError, KeyError) as error:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (no b'data'/b'labels').") from error
+    data = np.asarray(data, np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: expected data of shape (n, 3072) and n labels, got {data.shape} and "
+            f"{len(labels)} labels."
+        )
+    # Stored channel-major (n, 3, 32, 32); return NHWC.
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(labels, np.int32)
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """CIFAR-10 (50,000 training and 10,000 test colour images, 32 x 32 x 3) from a local copy.
+
+    Reads the "python version" of the data set: the folder `cifar-10-batches-py` (as extracted
+    from `cifar-10-python.tar.gz`) inside `data_dir` (default `$PCJAX_DATA_DIR`, else
+    `~/.cache/pcjax`), or `data_dir` itself when it holds `data_batch_1` ... `test_batch`.
+    Nothing is downloaded. Images are NHWC float32 in [0, 1].
+
+    **Raises:** `DatasetUnavailableError` if the files are not there.
+    """
+    directory = default_data_dir(data_dir)
+    folder = next(
+        (
+            d
+            for d in (directory, directory / CIFAR10_FOLDER, directory / "cifar10" / CIFAR10_FOLDER)
+            if (d / "test_batch").is_file()
+        ),
+        None,
+    )
+    if folder is None:
+        raise DatasetUnavailableError(
+            f"CIFAR-10 is not in {directory}: extract cifar-10-python.tar.gz there (it holds "
+            f"{CIFAR10_FOLDER}/data_batch_1..5 and test_batch)."
+        )
+    missing = [name for name in CIFAR10_TRAIN_BATCHES if not (folder / name).is_file()]
+    if missing:
+        raise DatasetUnavailableError(f"CIFAR-10 in {folder} lacks {missing}.")
+    train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
+    x_test, y_test = _read_cifar_batch(folder / "test_batch")
+    return Dataset(
+        x_train=np.concatenate([x for x, _ in train]).astype(np.float32) / 255.0,
+        y_train=np.concatenate([y for _, y in train]),
+        x_test=x_test.astype(np.float32) / 255.0,
+        y_test=y_test,
+        name="CIFAR-10",
+    )
+
+
+def synthetic_images(
+    shape: tuple[int, ...] = (32, 32, 3),
+    classes: int = 10,
+    n_train: int = 5000,
+    n_test: int = 1000,
+    noise: float = 0.25,
+    seed: int = 0,
+) -> Dataset:
+    """A learnable stand-in with the shape of an image data set (default CIFAR-10's).
+
+    Each class has a random smooth template (a sum of low-frequency cosines per channel); an
+    image is its class template plus Gaussian pixel noise of standard deviation `noise`,
+    clipped to [0, 1]. For timing and smoke tests, not for accuracy claims.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = shape[0], shape[1]
+    rows = np.linspace(0, np.pi, height)[:, None]
+    cols = np.linspace(0, np.pi, width)[None, :]
+    channels = shape[2:] or (1,)
+    templates = np.zeros((classes, height, width, *channels), np.float32)
+    for c in range(classes):
+        for k in range(int(np.prod(channels))):
+            fy, fx = rng.integers(1, 4, size=2)
+            phase = rng.uniform(0, 2 * np.pi)
+            pattern = np.cos(fy * rows + phase) * np.cos(fx * cols)
+            templates[c].reshape(height, width, -1)[..., k] = 0.5 + 0.35 * pattern
+
+    def sample(n):
+        labels = rng.integers(0, classes, size=n).astype(np.int32)
+        images = templates[labels] + noise * rng.standard_normal((n, *templates.shape[1:]))
+        return np.clip(images, 0, 1).astype(np.float32).reshape(n, *shape), labels
+
+    x_train, y_train = sample(n_train)
+    x_test, y_test = sample(n_test)
+    return Dataset(x_train, y_train, x_test, y_test, name=f"synthetic {shape}")

@@ -247,3 +247,19 @@ def test_per_sample_param_grads_by_vmap_sum_to_batch_grads(problem):
     batch = pc.param_grads(mlp, params, states, x, observed)
     for a, b in zip(jax.tree.leaves(per_sample), jax.tree.leaves(batch)):
         np.testing.assert_allclose(a.sum(0), b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("unroll", [1, 3, True])
+def test_unrolling_does_not_change_the_result(problem, unroll):
+    params, x, observed, latent = problem
+    rolled, _ = pc.infer(mlp, params, latent, x, observed, steps=6, unroll=1)
+    states, _ = pc.infer(mlp, params, latent, x, observed, steps=6, unroll=unroll)
+    for name in latent:
+        np.testing.assert_allclose(states[name], rolled[name], rtol=1e-12)
+
+
+@pytest.mark.parametrize("unroll", [0, -2, 1.5, "yes"])
+def test_bad_unroll_is_rejected(problem, unroll):
+    params, x, observed, latent = problem
+    with pytest.raises(ValueError, match="unroll"):
+        pc.infer(mlp, params, latent, x, observed, steps=3, unroll=unroll)
