@@ -247,30 +247,38 @@ def synthetic_images(
     n_train: int = 5000,
     n_test: int = 1000,
     noise: float = 0.25,
+    max_shift: int = 4,
     seed: int = 0,
 ) -> Dataset:
     """A learnable stand-in with the shape of an image data set (default CIFAR-10's).
 
-    Each class has a random smooth template (a sum of low-frequency cosines per channel); an
-    image is its class template plus Gaussian pixel noise of standard deviation `noise`,
-    clipped to [0, 1]. For timing and smoke tests, not for accuracy claims.
+    Each class has a random smooth template (low-frequency cosines per channel). An image is its
+    class template shifted circularly by up to `max_shift` pixels in each direction, scaled by a
+    random contrast in [0.6, 1.4], plus a random brightness offset and Gaussian pixel noise of
+    standard deviation `noise`, clipped to [0, 1]. The shifts make a template-matching
+    classifier insufficient. For timing and smoke tests, not for accuracy claims.
     """
     rng = np.random.default_rng(seed)
     height, width = shape[0], shape[1]
-    rows = np.linspace(0, np.pi, height)[:, None]
-    cols = np.linspace(0, np.pi, width)[None, :]
-    channels = shape[2:] or (1,)
-    templates = np.zeros((classes, height, width, *channels), np.float32)
+    rows = np.linspace(0, 2 * np.pi, height, endpoint=False)[:, None]
+    cols = np.linspace(0, 2 * np.pi, width, endpoint=False)[None, :]
+    channels = int(np.prod(shape[2:]))
+    templates = np.zeros((classes, height, width, channels), np.float32)
     for c in range(classes):
-        for k in range(int(np.prod(channels))):
+        for k in range(channels):
             fy, fx = rng.integers(1, 4, size=2)
             phase = rng.uniform(0, 2 * np.pi)
-            pattern = np.cos(fy * rows + phase) * np.cos(fx * cols)
-            templates[c].reshape(height, width, -1)[..., k] = 0.5 + 0.35 * pattern
+            templates[c, ..., k] = 0.35 * np.cos(fy * rows + phase) * np.cos(fx * cols)
 
     def sample(n):
         labels = rng.integers(0, classes, size=n).astype(np.int32)
-        images = templates[labels] + noise * rng.standard_normal((n, *templates.shape[1:]))
+        shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
+        images = np.stack(
+            [np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)]
+        )
+        contrast = rng.uniform(0.6, 1.4, size=(n, 1, 1, 1))
+        brightness = 0.5 + rng.uniform(-0.1, 0.1, size=(n, 1, 1, 1))
+        images = brightness + contrast * images + noise * rng.standard_normal(images.shape)
         return np.clip(images, 0, 1).astype(np.float32).reshape(n, *shape), labels
 
     x_train, y_train = sample(n_train)

@@ -124,3 +124,64 @@ def test_bundled_digits():
     data = datasets.load_digits()
     assert data.x_train.shape[1:] == (8, 8) and len(data.x_train) + len(data.x_test) == 1797
     assert set(np.unique(data.y_test)) == set(range(10))
+
+
+def _write_cifar(folder, rng, n=6):
+    import pickle
+
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [*datasets.CIFAR10_TRAIN_BATCHES, "test_batch"]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        batches[name] = (data, labels)
+    return batches
+
+
+def test_cifar10_local_copy_is_read_as_nhwc(tmp_path, monkeypatch):
+    batches = _write_cifar(tmp_path / datasets.CIFAR10_FOLDER, np.random.default_rng(0))
+    data = datasets.load_cifar10(tmp_path)
+    assert data.x_train.shape == (30, 32, 32, 3) and data.x_test.shape == (6, 32, 32, 3)
+    raw, labels = batches["test_batch"]
+    # Channel-major rows: pixel (row 2, col 5) of channel 1 of test image 3.
+    assert data.x_test[3, 2, 5, 1] == pytest.approx(raw[3, 1024 + 2 * 32 + 5] / 255.0, rel=1e-6)
+    assert list(data.y_test) == labels
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, str(tmp_path / datasets.CIFAR10_FOLDER))
+    assert datasets.load_cifar10().x_train.shape == (30, 32, 32, 3)
+
+
+def test_cifar10_missing_or_malformed(tmp_path):
+    with pytest.raises(datasets.DatasetUnavailableError, match=r"cifar-10-python\.tar\.gz"):
+        datasets.load_cifar10(tmp_path)
+    folder = tmp_path / "c" / datasets.CIFAR10_FOLDER
+    _write_cifar(folder, np.random.default_rng(0))
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(datasets.DatasetUnavailableError, match="data_batch_3"):
+        datasets.load_cifar10(tmp_path / "c")
+    import pickle
+
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match=r"\(n, 3072\)"):
+        datasets.load_cifar10(tmp_path / "c")
+
+
+def test_synthetic_images_are_learnable_and_seeded():
+    a = datasets.synthetic_images((8, 8, 3), n_train=400, n_test=100, seed=1)
+    b = datasets.synthetic_images((8, 8, 3), n_train=400, n_test=100, seed=1)
+    assert a.x_train.shape == (400, 8, 8, 3) and a.x_train.dtype == np.float32
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.x_train.min() >= 0.0 and a.x_train.max() <= 1.0
+
+    def nearest_class_mean_accuracy(data):
+        flat = data.x_train.reshape(len(data.x_train), -1)
+        means = np.stack([flat[data.y_train == c].mean(0) for c in range(10)])
+        test = data.x_test.reshape(len(data.x_test), 1, -1)
+        return np.mean(((test - means) ** 2).sum(-1).argmin(1) == data.y_test)
+
+    # Without shifts the class templates are far apart; the shifts make them overlap.
+    unshifted = datasets.synthetic_images((8, 8, 3), n_train=400, n_test=100, max_shift=0)
+    assert nearest_class_mean_accuracy(unshifted) > 0.8
+    assert nearest_class_mean_accuracy(a) < nearest_class_mean_accuracy(unshifted) - 0.3

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The speed part of the benchmark suite on one GPU, in at most 8 minutes, compilation included:
+# full-size tasks (MLP 784-1024-1024-10, VGG conv 32,64 + dense 128, CIFAR-10 VGG-5), every
+# algorithm and the hand-written reference, median step times, ratios to backprop, peak memory.
+# Needs jax with CUDA, optax and equinox in the environment; pcjax itself is imported from this
+# checkout. Results: $OUT (default benchmarks/results)/suite-speed.{json,md}.
+#
+#   bash benchmarks/gpu.sh [extra suite.py arguments, e.g. --tasks mlp_mnist,cnn_mnist]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import jax; print('devices:', jax.devices())"
+timeout 470 python benchmarks/suite.py --speed-only --peers none --repeats 20 \
+  --out "${OUT:-benchmarks/results}" "$@"
