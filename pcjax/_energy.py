@@ -201,6 +201,23 @@ def checked_values(
     plus a `CustomEnergy` for every node tagged with its own energy.
     """
     values = merge_nodes(states, observed)
+    for name, value in values.items():
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(
+                f"pcjax: the value of node {name!r} must be an array, got {type(value).__name__}."
+            )
+        if jnp.ndim(value) >= 1 and jnp.shape(value)[0] == 0:
+            raise ValueError(
+                f"pcjax: node {name!r} has an empty batch (shape {jnp.shape(value)}); "
+                "pass at least one sample."
+            )
+    for name, value in states.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(
+                f"pcjax: the state of free node {name!r} has dtype {value.dtype}; free states "
+                "are optimised by gradient descent and must be floating point (cast it, e.g. "
+                "with .astype(jnp.float32), or pass the node in `observed`)."
+            )
     predicted, customs = node_energies(fn, params, values, x)
     check_partition(predicted, values)
     checked = check_precision(resolve_precision(precision, params), predicted)

@@ -55,8 +55,18 @@ class InferInfo(NamedTuple):
 def check_steps(steps: int, tol: float | None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"pcjax: `steps` must be a positive int, got {steps!r}.")
-    if tol is not None and not tol >= 0:
+    if tol is not None and not _real(tol) >= 0:  # NaN and non-numbers compare False
         raise ValueError(f"pcjax: `tol` must be None or a non-negative float, got {tol!r}.")
+
+
+def _real(value: Any) -> float:
+    """`value` as a float if it is a concrete real scalar (not a bool or str), else NaN."""
+    if isinstance(value, (bool, str, bytes)):
+        return float("nan")
+    try:
+        return float(value)
+    except Exception:  # non-numbers, arrays of several values, traced values
+        return float("nan")
 
 
 def fpa_state_grad_fn(
@@ -193,8 +203,8 @@ def default_state_optimizer(
 ) -> optax.GradientTransformation:
     if optimizer is not None:
         return optimizer
-    if not step_size > 0:
-        raise ValueError(f"pcjax: `step_size` must be positive, got {step_size!r}.")
+    if not 0 < _real(step_size) < float("inf"):
+        raise ValueError(f"pcjax: `step_size` must be a positive finite number, got {step_size!r}.")
     return optax.sgd(step_size)
 
 

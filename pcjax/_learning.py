@@ -104,7 +104,8 @@ class TrainInfo(NamedTuple):
 
     - `energy`: the energy at the relaxed states (before the parameter update).
     - `diverged`: True if the energy at the relaxed states is non-finite (a NaN or inf reached
-      during inference persists to the end).
+      during inference persists to the end); with `guard=True` also if the update produced a
+      non-finite parameter or optimizer state, and then the update was not applied.
     - `inference_steps`: the number of state updates made.
     """
 
@@ -134,6 +135,7 @@ def train_step(
     tol: float | None = None,
     mean_over_batch: bool = True,
     raise_on_divergence: bool = False,
+    guard: bool = False,
     unroll: int | bool | None = None,
 ) -> tuple[Any, optax.OptState, TrainInfo]:
     """One PC training step: feedforward initialisation, inference, then a parameter update.
@@ -165,6 +167,11 @@ def train_step(
     size, the leading axis of the observed nodes, so that the learning rate does not depend on
     it; the state updates never depend on it (the energy is a per-sample sum).
 
+    With `guard=True` the step is all-or-nothing: if the energy at the relaxed states or any
+    updated parameter or optimizer-state entry is non-finite, the original `params` and
+    `opt_state` are returned unchanged (and `info.diverged` is True), so one bad batch cannot
+    poison a run. `raise_on_divergence=True` raises instead.
+
     `unroll` controls the unrolling of the inference loop as in `pcjax.infer` (default: fully
     unrolled up to 16 steps).
 
@@ -194,6 +201,7 @@ def train_step(
         )
     state_optimizer = default_state_optimizer(state_optimizer, step_size)
     observed = dict(observed)
+    original = (params, opt_state)
     feedforward = forward_init(fn, params, x)
     states = {k: v for k, v in feedforward.items() if k not in observed}
     _, checked = checked_values(fn, params, states, x, observed, precision)
@@ -201,9 +209,18 @@ def train_step(
 
     def apply(params, opt_state, grads, **extra_args):
         grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = optimizer.update(
-            grads, opt_state, eqx.filter(params, eqx.is_inexact_array), **extra_args
-        )
+        try:
+            updates, opt_state = optimizer.update(
+                grads, opt_state, eqx.filter(params, eqx.is_inexact_array), **extra_args
+            )
+        except (ValueError, TypeError) as error:
+            raise type(error)(
+                "pcjax.train_step: the optimizer could not update the parameters. The gradients "
+                "have the structure of `params` with None at non-floating-point leaves: "
+                "initialise the optimizer state with "
+                "`optimizer.init(eqx.filter(params, eqx.is_inexact_array))`. "
+                f"The optimizer said: {error}"
+            ) from error
         return eqx.apply_updates(params, updates), opt_state
 
     if incremental:
@@ -264,9 +281,28 @@ def train_step(
             )
         params, opt_state = apply(params, opt_state, grads, **extra_args)
     diverged = ~jnp.isfinite(value)
+    if guard:
+        diverged = diverged | ~_all_finite((params, opt_state))
+        params, opt_state = _select(diverged, original, (params, opt_state))
     if raise_on_divergence:
         params = eqx.error_if(params, diverged, DIVERGED_MESSAGE)
     return params, opt_state, TrainInfo(value, diverged, taken)
+
+
+def _all_finite(tree: Any) -> Array:
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _select(take_first: Array, first: Any, second: Any) -> Any:
+    """Leafwise `first if take_first else second` (arrays; other leaves from `second`)."""
+    return jax.tree.map(
+        lambda a, b: jnp.where(take_first, a, b) if eqx.is_array(b) else b, first, second
+    )
 
 
 def _incremental(
