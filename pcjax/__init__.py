@@ -5,6 +5,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 """
 
 from . import nn
+from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from ._energy import cross_entropy, energy, prediction_errors
 from ._inference import InferInfo, infer
 from ._langevin import LangevinState, langevin
@@ -38,6 +39,7 @@ __all__ = [
     "Precision",
     "ScalarPrecision",
     "TrainInfo",
+    "checkpoint_metadata",
     "cross_entropy",
     "dense",
     "energy",
@@ -46,12 +48,14 @@ __all__ = [
     "forward_init",
     "infer",
     "langevin",
+    "load_checkpoint",
     "natural_gradient",
     "nn",
     "node",
     "param_grads",
     "precision_weighted_gradient",
     "prediction_errors",
+    "save_checkpoint",
     "train_step",
     "update_precision_ema",
 ]

@@ -1,19 +1,24 @@
 """The main job: a discriminative PC network on MNIST, next to the same network trained by
 backprop.
 
-    python -m pcjax.demo [--epochs N] [--data-dir DIR]
+    python -m pcjax.demo [--epochs N] [--data-dir DIR] [--checkpoint FILE]
 
 The network is an MLP whose pre-activations are PC nodes; the label node (one-hot) is clamped
 during training and the parameters learn from the relaxed states (`pcjax.train_step`). Test
 accuracy is measured by the feedforward pass, which is the network's equilibrium when the label
 node is free. Without MNIST on disk or a network, it falls back to the UCI handwritten digits
 bundled with scikit-learn (1,797 images of 8 x 8 pixels).
+
+With `--checkpoint FILE` the run saves its state (parameters, optimizer states, epoch, the data
+order's random state) after every epoch, atomically, and a rerun of the same command resumes
+from it: a killed and resumed run ends with exactly the parameters of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -106,10 +111,59 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-backprop", action="store_true", help="skip the backprop baseline")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="file to save the run to after every epoch, and to resume from if it exists",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many epochs of this invocation (resume later with --checkpoint)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.hidden < 1 or args.inference_steps < 1:
         parser.error("--epochs, --batch-size, --hidden and --inference-steps must be positive")
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error("--stop-after must be positive")
     return args
+
+
+# The settings a checkpoint must agree with to be resumed.
+RESUME_KEYS = ("epochs", "hidden", "inference_steps", "state_step_size", "lr", "batch_size")
+RESUME_KEYS += ("seed", "no_backprop")
+
+
+def resume(args: argparse.Namespace, runs: dict, rng: np.random.Generator) -> int:
+    """Load `args.checkpoint` into `runs` and `rng` if it exists; the epoch to start from."""
+    if args.checkpoint is None or not os.path.exists(args.checkpoint):
+        return 1
+    like = {name: (run[1], run[2]) for name, run in runs.items()}
+    state, meta = pc.load_checkpoint(args.checkpoint, like)
+    settings = {key: getattr(args, key) for key in RESUME_KEYS}
+    if meta["settings"] != settings or meta["data"] != args.data_name:
+        raise SystemExit(
+            f"{args.checkpoint} was written by a run with other settings or data "
+            f"({meta['settings']}, {meta['data']}); remove it or use another --checkpoint."
+        )
+    for name, (params, opt_state) in state.items():
+        runs[name][1:] = [params, opt_state]
+    rng.bit_generator.state = meta["rng"]
+    print(f"resumed from {args.checkpoint} after epoch {meta['epoch']}")
+    return meta["epoch"] + 1
+
+
+def save(args: argparse.Namespace, runs: dict, rng: np.random.Generator, epoch: int) -> None:
+    meta = {
+        "epoch": epoch,
+        "rng": rng.bit_generator.state,
+        "settings": {key: getattr(args, key) for key in RESUME_KEYS},
+        "data": args.data_name,
+    }
+    pc.save_checkpoint(
+        args.checkpoint, {name: (run[1], run[2]) for name, run in runs.items()}, metadata=meta
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> float:
@@ -152,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> float:
         run[2] = optimizer.init(run[1])
 
     rng = np.random.default_rng(args.seed)
-    for epoch in range(1, args.epochs + 1):
+    args.data_name = data.name
+    first = resume(args, runs, rng)
+    last = args.epochs if args.stop_after is None else min(args.epochs, first - 1 + args.stop_after)
+    for epoch in range(first, last + 1):
         order = rng.permutation(len(x_train))
         line = [f"epoch {epoch}/{args.epochs}"]
         for name, run in runs.items():
@@ -173,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> float:
                 f"test {accuracy(params, x_test, data.y_test):.4f} ({seconds:.1f} s)"
             )
         print(" | ".join(line), flush=True)
+        if args.checkpoint is not None:
+            save(args, runs, rng, epoch)
+    if last < args.epochs:
+        print(f"stopped after epoch {last} of {args.epochs}; rerun to resume")
     test_accuracy = accuracy(runs["PC"][1], x_test, data.y_test)
     print(f"test accuracy: {test_accuracy:.4f}")
     return test_accuracy
