@@ -26,7 +26,7 @@ from ._precision import (
     error_moments,
     update_precision_ema,
 )
-from ._tagging import dense, forward_init, node
+from ._tagging import dense, forward_init, mixed_precision, node
 
 __all__ = [
     "DiagonalPrecision",
@@ -49,6 +49,7 @@ __all__ = [
     "infer",
     "langevin",
     "load_checkpoint",
+    "mixed_precision",
     "natural_gradient",
     "nn",
     "node",

@@ -39,6 +39,8 @@ class _Tape:
         self.node_of: dict[int, str] = {}
         # Nodes with a non-Gaussian energy (`pcjax.node(..., energy=f)`).
         self.energies: dict[str, Callable[[Array, Array], Array]] = {}
+        # Set by `pcjax.mixed_precision`: (compute dtype, state dtype).
+        self.dtypes: tuple[Any, Any] | None = None
 
     def visit(self, name: str, value: Array, energy=None) -> Array:
         if not isinstance(name, str):
@@ -63,7 +65,10 @@ class _Tape:
         if self.dense is not None:
             self.node_of[id(value)] = name
         value = jnp.asarray(value)
-        self.predictions[name] = value
+        # Under `mixed_precision` the prediction is recorded (and the energy computed) in the
+        # state dtype, while the function downstream keeps computing in the compute dtype.
+        recorded = value if self.dtypes is None else value.astype(self.dtypes[1])
+        self.predictions[name] = recorded
         if self.values is None or name not in self.values:
             return value
         state = self.values[name]
@@ -73,7 +78,7 @@ class _Tape:
                 f"prediction has shape {value.shape}; states must match the predictions "
                 "(use pcjax.forward_init to get correctly shaped states)."
             )
-        return state
+        return state if self.dtypes is None else jnp.asarray(state).astype(self.dtypes[0])
 
 
 _active_tape: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
@@ -208,3 +213,36 @@ def node_energies(
 def predictions(fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any) -> Nodes:
     """Every node's prediction $\\mu_i = g_i(\\text{parents' states})$, given all node states."""
     return run_tagged(fn, params, x, values)[1]
+
+
+def mixed_precision(
+    fn: Callable[..., Any], compute_dtype: Any = jnp.bfloat16, state_dtype: Any = jnp.float32
+) -> Callable[..., Any]:
+    """`fn` computing in `compute_dtype` (default bfloat16) with `state_dtype` nodes.
+
+    The returned function casts the floating-point leaves of `params` and `x` to
+    `compute_dtype` and calls `fn`; inside pcjax, every node's prediction is recorded in
+    `state_dtype` (default float32), so states, prediction errors and the energy (and its sums
+    over nodes and batch) are float32, and each node's state is cast back to `compute_dtype`
+    where the function uses it. Parameter gradients arrive in the parameters' own dtype (keep
+    float32 master parameters). Outside pcjax it is `fn` on cast inputs.
+
+        net = pcjax.mixed_precision(my_net)            # bfloat16 matmuls, float32 states
+        pcjax.train_step(net, params, opt_state, x, observed, ...)
+    """
+
+    def cast(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda a: a.astype(compute_dtype)
+            if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+            else a,
+            tree,
+        )
+
+    def wrapped(params: Any, x: Any) -> Any:
+        tape = _active_tape.get()
+        if tape is not None:
+            tape.dtypes = (compute_dtype, state_dtype)
+        return fn(cast(params), cast(x))
+
+    return wrapped

@@ -1,0 +1,78 @@
+"""Dtypes: float32 by default, float64 when asked, bfloat16 compute with float32 states."""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pcjax as pc
+from pcjax import nn
+
+
+def _setup(dtype):
+    key_m, key_x = jax.random.split(jax.random.PRNGKey(0))
+    model = nn.MLP([12, 16, 16, 4], key=key_m, activation=jnp.tanh)
+    model = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+    x = jax.random.normal(key_x, (8, 12), dtype)
+    y = jax.nn.one_hot(jnp.arange(8) % 4, 4, dtype=dtype)
+    return model, x, {"h2": y}
+
+
+def _relaxed_grads(fn, model, x, observed, steps=20):
+    states = {k: v for k, v in pc.forward_init(fn, model, x).items() if k not in observed}
+    states, info = pc.infer(fn, model, states, x, observed, steps=steps, step_size=0.2)
+    return states, info, pc.param_grads(fn, model, states, x, observed)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_native_dtypes_are_kept(dtype):
+    model, x, observed = _setup(dtype)
+    states, info, grads = _relaxed_grads(nn.call, model, x, observed)
+    assert info.energy.dtype == dtype
+    assert all(s.dtype == dtype for s in states.values())
+    assert all(g.dtype == dtype for g in jax.tree.leaves(grads))
+    optimizer = optax.adam(1e-3)
+    step = jax.jit(functools.partial(pc.train_step, nn.call, optimizer=optimizer, steps=4))
+    new, _, info = step(model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), x, observed)
+    assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(new))
+    assert not bool(info.diverged)
+
+
+def test_bfloat16_compute_with_float32_states():
+    model, x, observed = _setup(jnp.float32)
+    net = pc.mixed_precision(nn.call)  # bfloat16 compute, float32 states
+    states, info, grads = _relaxed_grads(net, model, x, observed)
+    assert info.energy.dtype == jnp.float32
+    assert all(s.dtype == jnp.float32 for s in states.values())
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # float32 master params
+    assert net(model, x).dtype == jnp.bfloat16  # outside pcjax: the network in bfloat16
+    # The matrix products really run in bfloat16.
+    hlo = jax.jit(lambda m: pc.energy(net, m, states, x, observed)).lower(model).as_text()
+    assert "bf16" in hlo
+    # Gradients agree with float32 to bfloat16 accuracy (8 mantissa bits: ~0.4% per op).
+    _, _, reference = _relaxed_grads(nn.call, model, x, observed)
+    flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+    ref = jnp.concatenate([g.ravel() for g in jax.tree.leaves(reference)])
+    error = float(jnp.linalg.norm(flat - ref) / jnp.linalg.norm(ref))
+    assert 1e-5 < error < 3e-2, error  # not float32-exact, but close
+    optimizer = optax.adam(1e-3)
+    step = jax.jit(functools.partial(pc.train_step, net, optimizer=optimizer, steps=4))
+    new, _, info = step(model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), x, observed)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))
+    assert info.energy.dtype == jnp.float32 and not bool(info.diverged)
+
+
+def test_mixed_precision_state_dtype_is_configurable():
+    model, x, _ = _setup(jnp.float32)
+    net = pc.mixed_precision(nn.call, compute_dtype=jnp.float16, state_dtype=jnp.float64)
+    states = pc.forward_init(net, model, x)
+    assert all(s.dtype == jnp.float64 for s in states.values())
+    np.testing.assert_allclose(
+        states["h0"], pc.forward_init(nn.call, model, x)["h0"], rtol=1e-2, atol=1e-2
+    )
