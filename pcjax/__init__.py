@@ -26,6 +26,7 @@ from ._precision import (
     error_moments,
     update_precision_ema,
 )
+from ._sharding import cross_device_mean, data_mesh, replicate, shard_batch
 from ._tagging import dense, forward_init, mixed_precision, node
 
 __all__ = [
@@ -40,7 +41,9 @@ __all__ = [
     "ScalarPrecision",
     "TrainInfo",
     "checkpoint_metadata",
+    "cross_device_mean",
     "cross_entropy",
+    "data_mesh",
     "dense",
     "energy",
     "error_moments",
@@ -56,7 +59,9 @@ __all__ = [
     "param_grads",
     "precision_weighted_gradient",
     "prediction_errors",
+    "replicate",
     "save_checkpoint",
+    "shard_batch",
     "train_step",
     "update_precision_ema",
 ]

@@ -233,9 +233,11 @@ def mixed_precision(
 
     def cast(tree: Any) -> Any:
         return jax.tree.map(
-            lambda a: a.astype(compute_dtype)
-            if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
-            else a,
+            lambda a: (
+                a.astype(compute_dtype)
+                if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+                else a
+            ),
             tree,
         )
 
