@@ -24,7 +24,7 @@ SETTINGS = settings(
     max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 # Examples that compile an inference loop cost about a second each.
-COMPILING = settings(SETTINGS, max_examples=4)
+COMPILING = settings(SETTINGS, max_examples=3)
 CONTAINERS = ("dict", "list", "tuple", "nested")
 
 
