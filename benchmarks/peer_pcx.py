@@ -119,13 +119,19 @@ def main():
     onehot = np.eye(10, dtype=np.float32)[y_train]
 
     pcx.RKG.seed(config["seed"])
-    model = Model(sizes)
     schedule = optax.cosine_decay_schedule(config["lr"], total)
     optimizer = optax.adamw(schedule, weight_decay=1e-4)
-    with pxu.step(model, pxc.STATUS.INIT, clear_params=pxc.VodeParam.Cache):
-        forward(jnp.zeros((batch, sizes[0])), None, model=model)
-        optim_h = pxu.Optim(lambda: optax.sgd(config["state_step"]), pxu.M(FREE)(model))
-        optim_w = pxu.Optim(lambda: optimizer, pxu.M(pxnn.LayerParam)(model))
+
+    def fresh():
+        """A new pcx model with its state and weight optimizers."""
+        model = Model(sizes)
+        with pxu.step(model, pxc.STATUS.INIT, clear_params=pxc.VodeParam.Cache):
+            forward(jnp.zeros((batch, sizes[0])), None, model=model)
+            optim_h = pxu.Optim(lambda: optax.sgd(config["state_step"]), pxu.M(FREE)(model))
+            optim_w = pxu.Optim(lambda: optimizer, pxu.M(pxnn.LayerParam)(model))
+        return model, optim_h, optim_w
+
+    model, optim_h, optim_w = fresh()
 
     def pcx_step(x, y):
         return train_on_batch(steps, x, y, model=model, optim_w=optim_w, optim_h=optim_h)
@@ -161,12 +167,7 @@ def main():
     result["x_backprop"] = result["step_seconds"] / result["backprop_step_seconds"]
 
     if not config["speed_only"]:
-        # A fresh model for the accuracy run.
-        model = Model(sizes)
-        with pxu.step(model, pxc.STATUS.INIT, clear_params=pxc.VodeParam.Cache):
-            forward(jnp.zeros((batch, sizes[0])), None, model=model)
-            optim_h = pxu.Optim(lambda: optax.sgd(config["state_step"]), pxu.M(FREE)(model))
-            optim_w = pxu.Optim(lambda: optimizer, pxu.M(pxnn.LayerParam)(model))
+        model, optim_h, optim_w = fresh()  # a fresh model for the accuracy run
         rng = np.random.default_rng(config["seed"])
         start = time.perf_counter()
         for _ in range(config["epochs"]):

@@ -143,7 +143,10 @@ def tasks_for(quick: bool) -> dict[str, Task]:
     }
 
 
-def load_data(task: Task, data_dir: str | None, cifar_dir: str | None) -> datasets.Dataset:
+def load_data(
+    task: Task, data_dir: str | None, cifar_dir: str | None, max_steps: int | None = None
+) -> datasets.Dataset:
+    """The task's data; with `max_steps`, only as many training images as that many batches."""
     if task.data == "mnist":
         try:
             data = datasets.load_mnist(data_dir, download=data_dir is None)
@@ -155,10 +158,9 @@ def load_data(task: Task, data_dir: str | None, cifar_dir: str | None) -> datase
         data = datasets.load_cifar10(cifar_dir)
     else:
         data = datasets.synthetic_images((32, 32, 3), n_train=10_000, n_test=2_000)
-    if task.train_subset is not None:
-        data = data._replace(
-            x_train=data.x_train[: task.train_subset], y_train=data.y_train[: task.train_subset]
-        )
+    n = len(data.x_train) if task.train_subset is None else task.train_subset
+    n = n if max_steps is None else min(n, max_steps * task.batch)
+    data = data._replace(x_train=data.x_train[:n], y_train=data.y_train[:n])
     if data.x_train.ndim == 3:  # grey images: add a channel axis for the CNNs
         data = data._replace(x_train=data.x_train[..., None], x_test=data.x_test[..., None])
     return data
@@ -333,7 +335,7 @@ def train(task: Task, data, algorithm: str, seed: int) -> dict[str, Any]:
     x_test = inputs_for(model, data.x_test)
     per_epoch = len(x_train) // task.batch
     total = training_steps(task, data)
-    onehot = np.eye(10, dtype=np.float32)[data.y_train]
+    onehot = onehot_of(data.y_train)
     step, optimizer, _, _ = prepared_step(
         task, algorithm, model, x_train[: task.batch], onehot[: task.batch], total
     )
@@ -511,10 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task = all_tasks[name]
         if args.max_steps is not None:
             task = dataclasses.replace(task, eval_every=min(task.eval_every, args.max_steps))
-        data = load_data(task, args.data_dir, args.cifar_dir)
-        if args.max_steps is not None:
-            n = min(len(data.x_train), args.max_steps * task.batch)
-            data = data._replace(x_train=data.x_train[:n], y_train=data.y_train[:n])
+        data = load_data(task, args.data_dir, args.cifar_dir, args.max_steps)
         print(f"{name}: {task.description} on {data.name} ({len(data.x_train)} train)", flush=True)
         entry = {
             "description": task.description,
@@ -545,10 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["tasks"][name] = entry
     if args.peers != "none" and "mlp_mnist" in task_names:
         task = all_tasks["mlp_mnist"]
-        data = load_data(task, args.data_dir, args.cifar_dir)
-        if args.max_steps is not None:
-            n = min(len(data.x_train), args.max_steps * task.batch)
-            data = data._replace(x_train=data.x_train[:n], y_train=data.y_train[:n])
+        data = load_data(task, args.data_dir, args.cifar_dir, args.max_steps)
         report["peers"] = [
             peers.run_peer(name, task, data, Path(args.peer_venvs), repeats, args.speed_only)
             for name in args.peers.split(",")

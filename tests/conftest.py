@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pcjax as pc
@@ -35,6 +36,15 @@ def init_mlp(key, sizes, dtype=jnp.float64):
         )
         for k, a, b in zip(keys, sizes[:-1], sizes[1:])
     ]
+
+
+def trees_equal(a, b) -> bool:
+    """Same structure of leaves, same dtypes, same bits."""
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        np.asarray(u).dtype == np.asarray(v).dtype and np.array_equal(u, v)
+        for u, v in zip(leaves_a, leaves_b)
+    )
 
 
 def rel_error(a, b):

@@ -8,22 +8,15 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
+from conftest import trees_equal
 
 import pcjax as pc
 from pcjax import demo, nn
 
 DEMO_ARGS = ["--no-download", "--epochs", "2", "--hidden", "32", "--inference-steps", "3"]
 DEMO_ARGS += ["--batch-size", "128", "--lr", "3e-3"]
-
-
-def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.asarray(u).dtype == np.asarray(v).dtype and np.array_equal(u, v) for u, v in zip(la, lb)
-    )
 
 
 def _state(key):
@@ -46,7 +39,7 @@ def test_round_trip_is_exact(tmp_path):
     path = pc.save_checkpoint(tmp_path / "run.ckpt", state, metadata={"epoch": 3, "tag": "a"})
     restored, meta = pc.load_checkpoint(path, _state(jax.random.PRNGKey(1)))
     assert meta == {"epoch": 3, "tag": "a"} == pc.checkpoint_metadata(path)
-    assert _equal(restored, state) and restored["step"] == 7
+    assert trees_equal(restored, state) and restored["step"] == 7
     assert restored["half"].dtype == jnp.bfloat16
     assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]  # no temporary files left
 
@@ -104,7 +97,7 @@ def test_resumed_training_matches_uninterrupted_bit_for_bit(tmp_path):
     fresh_model, fresh_state, *_ = _problem()
     restored, meta = pc.load_checkpoint(tmp_path / "half.ckpt", (fresh_model, fresh_state))
     resumed = _train(*restored, step, x, y, range(meta["batches"], 6))
-    assert _equal(resumed, straight)
+    assert trees_equal(resumed, straight)
 
 
 def test_same_seed_same_bits():
@@ -112,7 +105,7 @@ def test_same_seed_same_bits():
     for _ in range(2):
         model, opt_state, step, x, y = _problem()
         runs.append(_train(model, opt_state, step, x, y, range(6)))
-    assert _equal(*runs)
+    assert trees_equal(*runs)
     # Monte Carlo PC (Langevin inference) is deterministic given its key.
     model, _, _, x, y = _problem()
     states = {"h0": pc.forward_init(nn.call, model, x[0])["h0"]}
@@ -124,8 +117,8 @@ def test_same_seed_same_bits():
         )[0]  # fmt: skip
 
     key = jax.random.PRNGKey(3)
-    assert _equal(sample(key), sample(key))
-    assert not _equal(sample(key), sample(jax.random.PRNGKey(4)))
+    assert trees_equal(sample(key), sample(key))
+    assert not trees_equal(sample(key), sample(jax.random.PRNGKey(4)))
 
 
 def test_demo_killed_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, capsys):

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import trees_equal  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -82,13 +83,6 @@ def _states(fn, params, x, observed):
     return {k: v for k, v in pc.forward_init(fn, params, x).items() if k not in observed}
 
 
-def _same(a, b) -> bool:
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(leaves_a) == len(leaves_b) and all(
-        np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(leaves_a, leaves_b)
-    )
-
-
 @COMPILING
 @given(networks())
 def test_random_pytrees_keep_their_structure(net):
@@ -136,7 +130,7 @@ def test_non_finite_input_is_reported_and_guarded(net, where, bad, position):
         fn, params, opt_state, x, observed, optimizer=optimizer, steps=2, guard=True
     )
     assert bool(info.diverged)
-    assert _same(new, params) and _same(new_state, opt_state)
+    assert trees_equal(new, params) and trees_equal(new_state, opt_state)
     _, _, info = pc.train_step(fn, params, opt_state, x, observed, optimizer=optimizer, steps=2)
     assert bool(info.diverged)  # without the guard the update is applied, but reported
 
@@ -154,7 +148,7 @@ def test_absurd_step_sizes_never_leave_non_finite_params_when_guarded(net, step_
     finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(new))
     assert finite
     if bool(info.diverged):
-        assert _same(new, params)
+        assert trees_equal(new, params)
 
 
 @SETTINGS

@@ -106,29 +106,18 @@ def test_nudging_estimates_approach_backprop(energy):
     assert errors["centred", 0.01] < 1e-3 and errors["positive", 0.01] < 0.05, errors
 
 
-def test_nudging_arguments_are_checked(problem):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"nudging": "both"}, "`nudging` must be one of"),
+        ({"nudging": "centred", "nudge": 0.0}, "`nudge` must be positive"),
+    ],
+)
+def test_nudging_arguments_are_checked(problem, options, message):
     params, x, observed, _ = problem
     optimizer = optax.sgd(0.1)
-    with pytest.raises(ValueError, match="`nudging` must be one of"):
+    with pytest.raises(ValueError, match=message):
         pc.train_step(
-            mlp,
-            params,
-            optimizer.init(params),
-            x,
-            observed,
-            optimizer=optimizer,
-            steps=2,
-            nudging="both",
-        )
-    with pytest.raises(ValueError, match="`nudge` must be positive"):
-        pc.train_step(
-            mlp,
-            params,
-            optimizer.init(params),
-            x,
-            observed,
-            optimizer=optimizer,
-            steps=2,
-            nudging="centred",
-            nudge=0.0,
-        )
+            mlp, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=2,
+            **options,
+        )  # fmt: skip
