@@ -32,9 +32,20 @@ Array = jax.Array
 Precision = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
 
 
+def node_dicts(states: Any, observed: Any) -> tuple[Nodes, Nodes]:
+    """`states` and `observed` (None: no observed node) as plain dicts, checking their types."""
+    for argument, value in (("states", states), ("observed", observed)):
+        if not (isinstance(value, Mapping) or (argument == "observed" and value is None)):
+            raise TypeError(
+                f"pcjax: `{argument}` must be a dict mapping node names to arrays, got "
+                f"{type(value).__name__}."
+            )
+    return dict(states), {} if observed is None else dict(observed)
+
+
 def merge_nodes(states: Mapping[str, Array], observed: Mapping[str, Array] | None) -> Nodes:
     """All node values: the free `states` plus the clamped `observed` nodes (names disjoint)."""
-    observed = {} if observed is None else observed
+    states, observed = node_dicts(states, observed)
     both = sorted(set(states) & set(observed))
     if both:
         raise ValueError(

@@ -1,30 +1,34 @@
-"""Inference (relaxation): gradient descent of the energy with respect to the free states.
+r"""Inference (relaxation): gradient descent of the energy with respect to the free states.
 
 Standard PC differentiates the energy with `jax.grad`:
 
-$$\\frac{\\partial F}{\\partial x_i} = P_i e_i - \\sum_{c \\in \\text{children}(i)}
-\\Big(\\frac{\\partial \\mu_c}{\\partial x_i}\\Big)^{\\!\\top} P_c e_c.$$
+$$\frac{\partial F}{\partial x_i} = P_i e_i - \sum_{c \in \text{children}(i)}
+\Big(\frac{\partial \mu_c}{\partial x_i}\Big)^{\!\top} P_c e_c.$$
 
-Under the fixed-prediction assumption (FPA) the predictions $\\mu$ and their Jacobians are
-frozen at the feedforward values $\\hat x$, so the state gradient is
-$P_i e_i - \\sum_c J_c(\\hat x)^\\top P_c e_c$ with $e = x - \\mu(\\hat x)$: one fixed
+Under the fixed-prediction assumption (FPA) the predictions $\mu$ and their Jacobians are
+frozen at the feedforward values $\hat x$, so the state gradient is
+$P_i e_i - \sum_c J_c(\hat x)^\top P_c e_c$ with $e = x - \mu(\hat x)$: one fixed
 vector-Jacobian product per step. Its equilibrium errors are exactly the backprop gradients of the
 output energy, on any graph.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._energy import (
+    CustomEnergy,
     Precision,
     checked_values,
+    node_dicts,
     node_energy,
     total_energy,
 )
@@ -52,11 +56,21 @@ class InferInfo(NamedTuple):
     energies: Array | None = None
 
 
-def check_steps(steps: int, tol: float | None) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"pcjax: `steps` must be a positive int, got {steps!r}.")
+def check_steps(steps: Any, tol: float | None) -> int:
+    """`steps` as a Python int (integer scalars of any kind accepted); validates `tol` too."""
+    try:
+        if isinstance(steps, (bool, np.bool_)) or np.ndim(steps) != 0:
+            raise TypeError
+        count = operator.index(steps)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        count = None
+    if count is None or count < 1:
+        raise ValueError(
+            f"pcjax: `steps` must be a positive int (a concrete integer scalar), got {steps!r}."
+        )
     if tol is not None and not _real(tol) >= 0:  # NaN and non-numbers compare False
         raise ValueError(f"pcjax: `tol` must be None or a non-negative float, got {tol!r}.")
+    return count
 
 
 def _real(value: Any) -> float:
@@ -116,9 +130,20 @@ def state_grad_fn(
 
     def preconditioned(states: Nodes) -> tuple[Array, Nodes]:
         value, grads = grad_fn(states)
-        return value, {k: solve(precision[k], g) if k in precision else g for k, g in grads.items()}
+        return value, precondition_grads(precision, grads)
 
     return preconditioned
+
+
+def precondition_grads(spec: Mapping[str, Any], grads: Nodes) -> Nodes:
+    r"""$P_i^{-1} \partial F / \partial x_i$ for every node with a precision; nodes with a
+    custom energy (no precision) and unit-precision nodes keep their gradient."""
+    return {
+        k: solve(spec[k], g)
+        if spec.get(k) is not None and not isinstance(spec[k], CustomEnergy)
+        else g
+        for k, g in grads.items()
+    }
 
 
 UNROLL_LIMIT = 16
@@ -139,6 +164,21 @@ def scan_unroll(steps: int, unroll: int | bool | None) -> int | bool:
     raise ValueError(f"pcjax: `unroll` must be None, a bool or a positive int, got {unroll!r}.")
 
 
+def per_sample_grad_norm(grads: Nodes) -> Array:
+    r"""The largest per-sample norm of the state gradient, $\max_n \|\partial F / \partial
+    x_{n}\|$ over the samples $n$ (the leading axis of every state; scalar states count as
+    shared by every sample).
+
+    Each sample's states see only their own energy, so this stopping criterion does not depend
+    on which other samples share the batch.
+    """
+    batched = [g for g in jax.tree.leaves(grads) if jnp.ndim(g) >= 1]
+    shared = [g for g in jax.tree.leaves(grads) if jnp.ndim(g) == 0]
+    squares = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in batched)
+    squares = squares + sum(jnp.square(g) for g in shared)
+    return jnp.sqrt(jnp.max(squares))
+
+
 def relax(
     value_and_grad: StateGradFn,
     states: Nodes,
@@ -148,33 +188,38 @@ def relax(
     tol: float | None,
     record_energy: bool,
     unroll: int | bool | None = None,
+    key: Array | None = None,
 ) -> tuple[Nodes, Array, Array | None]:
     """Run the state optimizer on the energy.
 
     Returns the new states, the number of updates and the per-step energies (or None). With
-    `tol`, stops once the global norm of the state gradient is at most `tol` (a
-    `lax.while_loop`; a NaN gradient stops it too); otherwise makes exactly `steps` updates
-    (`lax.scan`, memory independent of `steps` unless energies are recorded; `unroll` as in
-    `scan_unroll`).
+    `tol`, stops once every sample's state gradient has a norm of at most `tol`
+    (`per_sample_grad_norm`; a `lax.while_loop`, which a NaN gradient stops too); otherwise
+    makes exactly `steps` updates (`lax.scan`, memory independent of `steps` unless energies
+    are recorded; `unroll` as in `scan_unroll`). With a `key`, update `t` receives
+    `key=fold_in(key, t)` as an extra argument (for `pcjax.langevin`).
 
     The energy itself is only evaluated when it is recorded: divergence is judged by the
     caller from the energy at the returned states, since a NaN or inf in the states persists.
     """
+    if key is not None:
+        optimizer = optax.with_extra_args_support(optimizer)
     opt_state = optimizer.init(states)
 
-    def update(states, opt_state, grads):
-        updates, opt_state = optimizer.update(grads, opt_state, states)
+    def update(i, states, opt_state, grads):
+        extra = {} if key is None else {"key": jax.random.fold_in(key, i)}
+        updates, opt_state = optimizer.update(grads, opt_state, states, **extra)
         return optax.apply_updates(states, updates), opt_state
 
     if tol is None:
 
-        def body(carry, _):
+        def body(carry, i):
             states, opt_state = carry
             value, grads = value_and_grad(states)  # value is dead code unless recorded
-            return update(states, opt_state, grads), value if record_energy else None
+            return update(i, states, opt_state, grads), value if record_energy else None
 
         (states, _), energies = jax.lax.scan(
-            body, (states, opt_state), length=steps, unroll=scan_unroll(steps, unroll)
+            body, (states, opt_state), jnp.arange(steps), unroll=scan_unroll(steps, unroll)
         )
         return states, jnp.asarray(steps, jnp.int32), energies
 
@@ -184,13 +229,13 @@ def relax(
 
     def cond(carry):
         i, _, _, _, grads, _ = carry
-        return (i < steps) & (optax.tree.norm(grads) > tol)
+        return (i < steps) & (per_sample_grad_norm(grads) > tol)
 
     def while_body(carry):
         i, states, opt_state, value, grads, energies = carry
         if record_energy:
             energies = energies.at[i].set(value)
-        states, opt_state = update(states, opt_state, grads)
+        states, opt_state = update(i, states, opt_state, grads)
         value, grads = value_and_grad(states)
         return i + 1, states, opt_state, value, grads, energies
 
@@ -231,10 +276,11 @@ def infer(
     record_energy: bool = False,
     raise_on_divergence: bool = False,
     unroll: int | bool | None = None,
+    key: Array | None = None,
 ) -> tuple[Nodes, InferInfo]:
-    """Relax the free node states by gradient descent on the energy.
+    r"""Relax the free node states by gradient descent on the energy.
 
-    Each step computes $\\partial F / \\partial x$ for the free states (see `pcjax.energy`)
+    Each step computes $\partial F / \partial x$ for the free states (see `pcjax.energy`)
     and applies `optimizer` to it, inside `lax.scan` (or `lax.while_loop` with `tol`).
 
     **Arguments** (as for `pcjax.energy`, plus):
@@ -247,23 +293,26 @@ def infer(
       `forward_init`, `step_size=1` and at least as many steps as the graph is deep, the errors
       equal the backprop gradients of the output energy exactly.
     - `precondition`: "natural" inference: scale each node's state gradient by the inverse of
-      its own precision, $P_i^{-1} \\partial F / \\partial x_i$, so that the node's own error
+      its own precision, $P_i^{-1} \partial F / \partial x_i$, so that the node's own error
       term relaxes at a rate independent of $P_i$.
-    - `tol`: stop once the global norm of the state gradient is at most `tol`.
+    - `tol`: stop once every sample's state gradient has a norm of at most `tol` (the largest
+      per-sample norm, so the same sample stops at the same step in any batch).
     - `record_energy`: also return the energy before each update (`info.energies`).
     - `raise_on_divergence`: raise a runtime error (`eqx.error_if`) instead of only reporting
       a non-finite energy in `info.diverged`.
     - `unroll`: how far to unroll the `lax.scan` over steps (ignored with `tol`); default None:
       fully unrolled when `steps <= 16`, else rolled. Unrolled CNN steps run several times
       faster on CPU; long unrolled loops compile slowly.
+    - `key`: a `jax.random` key for stochastic state optimizers (`pcjax.langevin`); update `t`
+      uses `jax.random.fold_in(key, t)`, so the same key replays the same run and a new key
+      (e.g. `jax.random.fold_in(key, training_step)`) draws fresh noise.
 
     **Returns:** `(states, info)`: the relaxed states and an `InferInfo`.
     """
-    check_steps(steps, tol)
+    steps = check_steps(steps, tol)
     scan_unroll(steps, unroll)  # validates `unroll`
     optimizer = default_state_optimizer(optimizer, step_size)
-    observed = {} if observed is None else dict(observed)
-    states = dict(states)
+    states, observed = node_dicts(states, observed)
     _, checked = checked_values(fn, params, states, x, observed, precision)
     grad_fn = state_grad_fn(fn, params, x, observed, checked, fixed_predictions, precondition)
     states, taken, energies = relax(
@@ -274,6 +323,7 @@ def infer(
         tol=tol,
         record_energy=record_energy,
         unroll=unroll,
+        key=key,
     )
     if fixed_predictions:
         final = grad_fn(states)[0]  # the FPA energy uses the frozen predictions

@@ -1,62 +1,84 @@
-"""Langevin dynamics for the states: Monte Carlo predictive coding.
+r"""Langevin dynamics for the states: Monte Carlo predictive coding.
 
 Monte Carlo PC (Oliviers, Bogacz & Meulemans 2024, "Learning probability distributions of sensory
 inputs with Monte Carlo predictive coding") replaces gradient descent on the states by the
 unadjusted Langevin algorithm
 
-$$x \\leftarrow x - \\eta \\nabla_x F + \\sqrt{2\\eta T}\\,\\xi, \\quad \\xi \\sim N(0, I),$$
+$$x \leftarrow x - \eta \nabla_x F + \sqrt{2\eta T}\,\xi, \quad \xi \sim N(0, I),$$
 
-whose stationary distribution is $p(x) \\propto e^{-F(x)/T}$: at $T = 1$ the posterior of the
-latent states (up to an $O(\\eta)$ discretisation bias), instead of its mode. Learning from the
+whose stationary distribution is $p(x) \propto e^{-F(x)/T}$: at $T = 1$ the posterior of the
+latent states (up to an $O(\eta)$ discretisation bias), instead of its mode. Learning from the
 sampled states then follows the gradient of the marginal likelihood rather than of the joint.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 
-class LangevinState(NamedTuple):
-    """The random key of the next step."""
+def _concrete(value: Any, name: str) -> float | None:
+    """`value` as a float when it is a concrete scalar; None while traced."""
+    try:
+        return float(value)
+    except jax.errors.ConcretizationTypeError:
+        return None
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"pcjax.langevin: `{name}` must be a number, got {value!r}.") from error
 
-    key: jax.Array
+
+class LangevinState(NamedTuple):
+    """The (empty) state of `pcjax.langevin`: its noise comes from the key of each update."""
 
 
 def langevin(
-    step_size: float, key: jax.Array, *, temperature: float = 1.0
-) -> optax.GradientTransformation:
-    """An optax transform for the *states*: a Langevin step on the energy.
+    step_size: float, key: None = None, *, temperature: float = 1.0
+) -> optax.GradientTransformationExtraArgs:
+    r"""An optax transform for the *states*: a Langevin step on the energy.
 
-    Pass it as the state optimizer, `pcjax.infer(..., optimizer=pcjax.langevin(0.05, key))` or
-    `pcjax.train_step(..., state_optimizer=pcjax.langevin(0.05, key))`; every update draws fresh
-    noise from the key carried in its state. Each sample of a batch is an independent chain.
+    Pass it as the state optimizer together with a random key, e.g.
+    `pcjax.infer(..., optimizer=pcjax.langevin(0.05), key=key)` or
+    `pcjax.train_step(..., state_optimizer=pcjax.langevin(0.05), key=key)`. Inference hands
+    update `t` the key `jax.random.fold_in(key, t)`, so every step draws fresh noise, the same
+    key replays the same run, and a new key per training step (e.g.
+    `jax.random.fold_in(key, step)`) gives new noise per step. Each sample of a batch is an
+    independent chain. Used directly, `update(grads, state, params, key=...)` needs the key.
 
-    **Arguments:** `step_size` $\\eta > 0$, `key` a `jax.random.PRNGKey`, `temperature`
-    $T \\ge 0$ (0 is plain gradient descent).
+    **Arguments:** `step_size` $\eta > 0$, `temperature` $T \ge 0$ (0 is plain gradient
+    descent).
     """
-    if not step_size > 0:
+    if key is not None:
+        raise TypeError(
+            "pcjax.langevin takes no key: pass key= to pcjax.infer / pcjax.train_step instead, "
+            "so that every call (and every step) draws fresh noise."
+        )
+    if _concrete(step_size, "step_size") is not None and not _concrete(step_size, "") > 0:
         raise ValueError(f"pcjax.langevin: `step_size` must be positive, got {step_size!r}.")
-    if not temperature >= 0:
+    if _concrete(temperature, "temperature") is not None and not _concrete(temperature, "") >= 0:
         raise ValueError(f"pcjax.langevin: `temperature` must be >= 0, got {temperature!r}.")
-    scale = (2.0 * step_size * temperature) ** 0.5
+    # Validated only when concrete, so that both may be traced (jit, schedules).
+    scale = jnp.sqrt(2.0 * step_size * temperature)
 
     def init(params):
         del params
-        return LangevinState(key)
+        return LangevinState()
 
-    def update(grads, state, params=None):
-        del params
-        next_key, draw = jax.random.split(state.key)
+    def update(grads, state, params=None, *, key=None, **extra_args):
+        del params, extra_args
+        if key is None:
+            raise ValueError(
+                "pcjax.langevin needs a random key for its noise: pass key= to pcjax.infer or "
+                "pcjax.train_step (or to update() when used directly)."
+            )
         leaves, treedef = jax.tree.flatten(grads)
-        keys = jax.random.split(draw, max(len(leaves), 1))
+        keys = jax.random.split(key, max(len(leaves), 1))
         updates = [
             -step_size * g + scale * jax.random.normal(k, jnp.shape(g), jnp.result_type(g))
             for g, k in zip(leaves, keys)
         ]
-        return jax.tree.unflatten(treedef, updates), LangevinState(next_key)
+        return jax.tree.unflatten(treedef, updates), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

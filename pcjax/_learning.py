@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._energy import (
@@ -21,6 +22,7 @@ from ._energy import (
     batch_size,
     checked_values,
     current_spec,
+    node_dicts,
     node_energy,
     total_energy,
 )
@@ -28,13 +30,13 @@ from ._inference import (
     DIVERGED_MESSAGE,
     check_steps,
     default_state_optimizer,
+    precondition_grads,
     relax,
     scan_unroll,
     state_grad_fn,
 )
 from ._natural import fisher_statistics, uses_fisher
 from ._nudging import nudged_grads
-from ._precision import solve
 from ._tagging import Nodes, forward_init, predictions
 
 Array = jax.Array
@@ -95,14 +97,31 @@ def param_grads(
     `eqx.filter_grad`). With `fixed_predictions=True` the predictions and their Jacobians are
     those of the feedforward pass of `fn(params, x)` (the fixed-prediction assumption).
     """
-    values, checked = checked_values(fn, params, dict(states), x, observed, precision)
+    check_no_python_floats(params)
+    states, observed = node_dicts(states, observed)
+    values, checked = checked_values(fn, params, states, x, observed, precision)
     return _energy_grads(fn, params, values, x, checked, fixed_predictions, precision)[1]
+
+
+def check_no_python_floats(params: Any) -> None:
+    """Refuse Python float leaves in `params`: `jax.jit` would trace and train them, while an
+    eager call (which keeps them as Python numbers) would leave them fixed."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, (float, complex)) and not isinstance(leaf, np.generic):
+            raise TypeError(
+                f"pcjax: the parameter at params{jax.tree_util.keystr(path)} is a Python float "
+                f"({leaf!r}); `jax.jit` would train it while an eager call leaves it fixed. Make "
+                "it an array (jnp.asarray) to train it, or a static field "
+                "(eqx.field(static=True)) or a constant of the function to freeze it."
+            )
 
 
 class TrainInfo(NamedTuple):
     """What `pcjax.train_step` reports.
 
-    - `energy`: the energy at the relaxed states (before the parameter update).
+    - `energy`: the energy at the relaxed states, before the parameter update (iPC, which
+      updates states and parameters together: at the last joint step, before its update;
+      nudging: the network's own energy, without the nudge, at the nudged states).
     - `diverged`: True if the energy at the relaxed states is non-finite (a NaN or inf reached
       during inference persists to the end); with `guard=True` also if the update produced a
       non-finite parameter or optimizer state, and then the update was not applied.
@@ -137,6 +156,7 @@ def train_step(
     raise_on_divergence: bool = False,
     guard: bool = False,
     unroll: int | bool | None = None,
+    key: Array | None = None,
 ) -> tuple[Any, optax.OptState, TrainInfo]:
     """One PC training step: feedforward initialisation, inference, then a parameter update.
 
@@ -163,6 +183,10 @@ def train_step(
     pulls them towards their values with strength `nudge` (beta), as in equilibrium
     propagation and the PCX benchmark; see `pcjax._nudging` for the three estimates.
 
+    Combinations that are not implemented raise a `ValueError` naming both options:
+    `incremental` with `fixed_predictions`, `tol`, `fisher` or `nudging`; `nudging` with
+    `fixed_predictions`, `fisher` or `precondition`; `fixed_predictions` with `fisher`.
+
     With `mean_over_batch=True` (default) the parameter gradients are divided by the batch
     size, the leading axis of the observed nodes, so that the learning rate does not depend on
     it; the state updates never depend on it (the energy is a per-sample sum).
@@ -173,26 +197,29 @@ def train_step(
     poison a run. `raise_on_divergence=True` raises instead.
 
     `unroll` controls the unrolling of the inference loop as in `pcjax.infer` (default: fully
-    unrolled up to 16 steps).
+    unrolled up to 16 steps); `key` is the random key of a stochastic state optimizer
+    (`pcjax.langevin`), as in `pcjax.infer`: pass a new one every step.
 
-    Initialise the optimizer state with `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`.
-    Jit it with the static options bound, e.g.
-    `jax.jit(functools.partial(pcjax.train_step, fn, optimizer=opt, steps=20))`
+    Initialise the optimizer state with `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`
+    (a state of another structure is refused). Parameters that are Python floats are refused:
+    make them arrays to train them or static to freeze them. Jit it with the static options
+    bound, e.g. `jax.jit(functools.partial(pcjax.train_step, fn, optimizer=opt, steps=20))`
     (`eqx.filter_jit` when `params` holds non-array leaves).
 
     **Returns:** `(params, opt_state, info)` with a `TrainInfo`.
     """
-    check_steps(steps, tol)
+    steps = check_steps(steps, tol)
     scan_unroll(steps, unroll)  # validates `unroll`
-    if incremental and (tol is not None or fisher is not None or nudging is not None):
-        raise ValueError(
-            "pcjax: `tol`, `fisher` and `nudging` are not supported with `incremental=True`."
-        )
-    if nudging is not None and (fixed_predictions or fisher is not None or precondition):
-        raise ValueError(
-            "pcjax: `nudging` does not combine with `fixed_predictions`, `fisher` or "
-            "`precondition`."
-        )
+    _check_combination(
+        incremental=incremental,
+        fixed_predictions=fixed_predictions,
+        tol=tol is not None,
+        fisher=fisher is not None,
+        nudging=nudging is not None,
+        precondition=precondition,
+    )
+    check_no_python_floats(params)
+    check_optimizer_state(optimizer, opt_state, eqx.filter(params, eqx.is_inexact_array))
     if fisher is not None and not uses_fisher(opt_state):
         raise ValueError(
             f"pcjax.train_step: fisher={fisher!r} passes statistics to the optimizer, which must "
@@ -200,6 +227,11 @@ def train_step(
             "optax.scale_by_learning_rate(lr))."
         )
     state_optimizer = default_state_optimizer(state_optimizer, step_size)
+    if not isinstance(observed, Mapping):
+        raise TypeError(
+            "pcjax: `observed` must be a dict mapping node names to arrays, got "
+            f"{type(observed).__name__}."
+        )
     observed = dict(observed)
     original = (params, opt_state)
     feedforward = forward_init(fn, params, x)
@@ -209,22 +241,13 @@ def train_step(
 
     def apply(params, opt_state, grads, **extra_args):
         grads = jax.tree.map(lambda g: g * scale, grads)
-        try:
-            updates, opt_state = optimizer.update(
-                grads, opt_state, eqx.filter(params, eqx.is_inexact_array), **extra_args
-            )
-        except (ValueError, TypeError) as error:
-            raise type(error)(
-                "pcjax.train_step: the optimizer could not update the parameters. The gradients "
-                "have the structure of `params` with None at non-floating-point leaves: "
-                "initialise the optimizer state with "
-                "`optimizer.init(eqx.filter(params, eqx.is_inexact_array))`. "
-                f"The optimizer said: {error}"
-            ) from error
+        updates, opt_state = optimizer.update(
+            grads, opt_state, eqx.filter(params, eqx.is_inexact_array), **extra_args
+        )
         return eqx.apply_updates(params, updates), opt_state
 
     if incremental:
-        params, opt_state, states = _incremental(
+        params, opt_state, value = _incremental(
             fn,
             params,
             opt_state,
@@ -237,9 +260,8 @@ def train_step(
             apply,
             precondition,
             unroll,
+            key,
         )
-        final_precision = current_spec(precision, params, checked)
-        value = node_energy(fn, params, {**states, **observed}, x, final_precision)
         taken = jnp.asarray(steps, jnp.int32)
     elif nudging is not None:
         value, grads, taken = nudged_grads(
@@ -249,15 +271,14 @@ def train_step(
             feedforward,
             observed,
             checked,
+            precision,
             nudging=nudging,
             beta=nudge,
             steps=steps,
             optimizer=state_optimizer,
             tol=tol,
-            param_grads=lambda states, spec: _energy_grads(
-                fn, params, states, x, spec, False, precision
-            ),
             unroll=unroll,
+            key=key,
         )
         params, opt_state = apply(params, opt_state, grads)
     else:
@@ -270,6 +291,7 @@ def train_step(
             tol=tol,
             record_energy=False,
             unroll=unroll,
+            key=key,
         )
         value, grads = _energy_grads(
             fn, params, {**states, **observed}, x, checked, fixed_predictions, precision
@@ -287,6 +309,59 @@ def train_step(
     if raise_on_divergence:
         params = eqx.error_if(params, diverged, DIVERGED_MESSAGE)
     return params, opt_state, TrainInfo(value, diverged, taken)
+
+
+# Pairs of train_step options whose combination is not implemented.
+UNSUPPORTED = (
+    ("incremental", "fixed_predictions"),
+    ("incremental", "tol"),
+    ("incremental", "fisher"),
+    ("incremental", "nudging"),
+    ("nudging", "fixed_predictions"),
+    ("nudging", "fisher"),
+    ("nudging", "precondition"),
+    ("fixed_predictions", "fisher"),
+)
+
+
+def _check_combination(**used: bool) -> None:
+    for first, second in UNSUPPORTED:
+        if used[first] and used[second]:
+            raise ValueError(
+                f"pcjax.train_step: `{first}` together with `{second}` is not supported; "
+                "use one of them."
+            )
+
+
+def check_optimizer_state(
+    optimizer: optax.GradientTransformation, opt_state: Any, trainable: Any
+) -> None:
+    """`optimizer` must be an optax transform and `opt_state` must have the structure and
+    shapes of `optimizer.init(trainable)` (checked abstractly, at no run-time cost)."""
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "pcjax.train_step: `optimizer` must be an optax GradientTransformation (e.g. "
+            f"optax.adam(1e-3)), got {type(optimizer).__name__}."
+        )
+    expected = jax.eval_shape(optimizer.init, trainable)
+    hint = (
+        "initialise it with `optimizer.init(eqx.filter(params, eqx.is_inexact_array))` for the "
+        "same optimizer"
+    )
+    if jax.tree.structure(expected) != jax.tree.structure(opt_state):
+        raise ValueError(
+            "pcjax.train_step: `opt_state` does not match `optimizer`: the optimizer's state has "
+            f"the structure {jax.tree.structure(expected)}, but `opt_state` has "
+            f"{jax.tree.structure(opt_state)}; {hint}."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    for (path, leaf), want in zip(paths, jax.tree.leaves(expected)):
+        if np.shape(leaf) != tuple(want.shape):
+            raise ValueError(
+                f"pcjax.train_step: `opt_state` does not match `optimizer`: the entry at "
+                f"opt_state{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, but the "
+                f"optimizer expects {tuple(want.shape)}; {hint}."
+            )
 
 
 def _all_finite(tree: Any) -> Array:
@@ -318,32 +393,38 @@ def _incremental(
     apply,
     precondition,
     unroll,
+    key,
 ):
-    """iPC: states and parameters descend the energy together, one joint backward pass a step."""
+    """iPC: states and parameters descend the energy together, one joint backward pass a step.
+
+    Returns the parameters, optimizer state and the energy of the last step, before its update.
+    """
     checked, spec = precisions
     diff, static = eqx.partition(params, eqx.is_inexact_array)
+    if key is not None:
+        state_opt = optax.with_extra_args_support(state_opt)
 
     def joint_energy(diff, states):
         values = {**states, **observed}
         params = eqx.combine(diff, static)
         return node_energy(fn, params, values, x, current_spec(spec, params, checked))
 
-    def body(carry, _):
-        diff, opt_state, states, state_opt_state = carry
-        param_grads, state_grads = jax.grad(joint_energy, (0, 1))(diff, states)
+    def body(carry, i):
+        diff, opt_state, states, state_opt_state, _ = carry
+        value, (param_grads, state_grads) = jax.value_and_grad(joint_energy, (0, 1))(diff, states)
         if precondition:
             precision = current_spec(spec, eqx.combine(diff, static), checked)
-            state_grads = {
-                k: solve(precision[k], g) if k in precision else g for k, g in state_grads.items()
-            }
-        updates, state_opt_state = state_opt.update(state_grads, state_opt_state, states)
+            state_grads = precondition_grads(precision, state_grads)
+        extra = {} if key is None else {"key": jax.random.fold_in(key, i)}
+        updates, state_opt_state = state_opt.update(state_grads, state_opt_state, states, **extra)
         states = optax.apply_updates(states, updates)
         params, opt_state = apply(eqx.combine(diff, static), opt_state, param_grads)
         diff = eqx.filter(params, eqx.is_inexact_array)
-        return (diff, opt_state, states, state_opt_state), None
+        return (diff, opt_state, states, state_opt_state, value), None
 
-    init = (diff, opt_state, states, state_opt.init(states))
-    (diff, opt_state, states, _), _ = jax.lax.scan(
-        body, init, length=steps, unroll=scan_unroll(steps, unroll)
+    init_value = jnp.zeros((), jax.eval_shape(joint_energy, diff, states).dtype)
+    init = (diff, opt_state, states, state_opt.init(states), init_value)
+    (diff, opt_state, _, _, value), _ = jax.lax.scan(
+        body, init, jnp.arange(steps), unroll=scan_unroll(steps, unroll)
     )
-    return eqx.combine(diff, static), opt_state, states
+    return eqx.combine(diff, static), opt_state, value

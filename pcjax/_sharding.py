@@ -11,7 +11,8 @@ parameter gradient is a sum over samples). Two ways:
   single-device one; XLA partitions it.
 - **`jax.shard_map`**: write the per-device program yourself. Each device runs
   `pcjax.train_step` on its shard of the batch; chain `cross_device_mean(axis)` in front of the
-  optimizer so that every device applies the same, globally averaged, update.
+  optimizer so that every device applies the same, globally averaged, update (with or without
+  `shard_map`'s type checks, `check_vma`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -60,46 +62,72 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda a: jax.device_put(a, sharding) if eqx.is_array(a) else a, tree)
 
 
-def cross_device_mean(axis_name: str) -> optax.GradientTransformation:
-    """An optax transform that makes the updates the mean over the devices of `axis_name`, for
-    use inside `jax.shard_map`: chain it first,
+def cross_device_mean(
+    axis_name: str, *, summed: bool | None = None
+) -> optax.GradientTransformation:
+    r"""An optax transform that makes the updates the mean over the devices of `axis_name`, for
+    use inside `jax.shard_map` (either `check_vma` mode): chain it first,
     `optax.chain(pcjax.cross_device_mean("data"), optax.adam(1e-3))`.
 
-    With `train_step`'s default `mean_over_batch=True` each device's gradient is the mean over
-    its shard; with equal shards the mean of those is the mean over the global batch, so every
-    device applies the single-device update and the replicated parameters stay identical.
+    With $N$ devices, device $d$ computing the gradient $g_d$ of its shard's loss, the update
+    on every device becomes $\bar g = \frac1N \sum_d g_d$. With `train_step`'s default
+    `mean_over_batch=True` each $g_d$ is the mean over its shard; with equal shards $\bar g$ is
+    the mean over the global batch, so every device applies the single-device update and the
+    replicated parameters stay identical.
 
-    Under `shard_map`'s default type checking (`check_vma=True`) autodiff already sums the
-    gradient of a replicated parameter over the devices (the transpose of broadcasting it);
-    such updates are divided by the number of devices. Updates that still vary across devices
-    (`check_vma=False`) are averaged with `lax.pmean`.
+    How the gradient of a replicated parameter (`in_specs=P()`) arrives depends on
+    `shard_map`'s mode. With the default `check_vma=True` autodiff has already summed it over
+    the devices (the transpose of broadcasting the parameter to them is a `psum`): every device
+    holds $S = \sum_d g_d$, and $\bar g = S / N$. With `check_vma=False` (and in `pmap`) it is
+    the device-local $g_d$, and $\bar g = \operatorname{pmean}(g_d)$. `summed` says which:
+
+    - `None` (default), for replicated parameters in either mode: autodiff is asked, not the
+      types (which `check_vma=False` leaves unchecked). A replicated scalar $p$ used as
+      $p + 0 \cdot i_d$ on device $d$ ($i_d$ the device index) has gradient $k = N$ where
+      autodiff sums over the devices and $k = 1$ where it does not; the update is
+      $\operatorname{pmean}(u) / k$, which is $\bar g$ in both cases ($\operatorname{pmean}$
+      of the replicated $S$ is $S$). Costs one extra all-reduce where the updates were summed.
+    - `True`: the updates are $S$ (replicated parameters under `check_vma=True`): $S / N$, no
+      communication.
+    - `False`: the updates are the local $g_d$ (`check_vma=False`, `pmap`, or parameters made
+      device-varying): $\operatorname{pmean}(g_d)$.
+
+    A wrong `summed` gives updates $N$ times too large, or replicas that drift apart.
+
+    **Raises:** `TypeError` if `summed` is not None, True or False.
     """
+    if summed is not None and not isinstance(summed, bool):
+        raise TypeError(
+            f"pcjax.cross_device_mean: `summed` must be None, True or False, got {summed!r}."
+        )
 
     def init(params):
         del params
         return optax.EmptyState()
 
-    def mean(update):
-        if _varies_over(update, axis_name) is False:
-            return update / jax.lax.axis_size(axis_name)  # already a sum over the devices
-        return jax.lax.pmean(update, axis_name)
-
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(mean, updates), state
+        return _device_mean(updates, axis_name, summed), state
 
     return optax.GradientTransformation(init, update)
 
 
-def _varies_over(value: Any, axis_name: str) -> bool | None:
-    """Whether `value` differs across the devices of `axis_name` inside `shard_map`, from its
-    type (`manual_axis_type` in JAX >= 0.9, `vma` before); None if the type does not say."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None:
-        return None
-    aval = typeof(value)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is not None:
-        return axis_name in manual.varying
-    vma = getattr(aval, "vma", None)
-    return None if vma is None else axis_name in vma
+def _device_mean(updates: Any, axis_name: str, summed: bool | None) -> Any:
+    """The mean of `updates` over the devices of `axis_name` (see `cross_device_mean`)."""
+    if summed:
+        size = jax.lax.axis_size(axis_name)
+        return jax.tree.map(lambda u: u / size, updates)
+    means = jax.lax.pmean(updates, axis_name)
+    if summed is False:
+        return means
+    count = _summed_count(axis_name)
+    return jax.tree.map(lambda u: u / count.astype(u.dtype), means)
+
+
+def _summed_count(axis_name: str) -> jax.Array:
+    r"""How many devices' contributions autodiff sums into the gradient of a replicated value
+    on mesh axis `axis_name`: $N$ under `shard_map(check_vma=True)`, 1 where gradients stay
+    device-local (`check_vma=False`, `pmap`). It is the gradient of a replicated scalar $p$
+    through $p + 0 \cdot i_d$, made device-varying by the device index $i_d$."""
+    index = jax.lax.axis_index(axis_name).astype(jnp.float32)
+    return jax.grad(lambda p: p + 0.0 * index)(jnp.zeros((), jnp.float32))

@@ -1,5 +1,8 @@
-"""Shared fixtures: small tagged networks and data. Float64 is on for the exactness tests;
-float32 tests build their arrays in float32 explicitly."""
+"""Shared fixtures: small tagged networks and data.
+
+Tests run in JAX's default float32, the path users run. Exactness tests that need float64 carry
+the `x64` marker (`@pytest.mark.x64`), which runs them inside `jax.enable_x64(True)`; tests that
+use a float64 fixture (`problem64`) get the marker automatically."""
 
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ import numpy as np
 import pytest
 
 import pcjax as pc
-
-jax.config.update("jax_enable_x64", True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,7 +28,7 @@ def mlp(params, x):
     return h
 
 
-def init_mlp(key, sizes, dtype=jnp.float64):
+def init_mlp(key, sizes, dtype=jnp.float32):
     keys = jax.random.split(key, len(sizes) - 1)
     return [
         (
@@ -54,15 +55,49 @@ def rel_error(a, b):
     return float(jnp.sqrt(diff / norm))
 
 
-@pytest.fixture(scope="session")
-def problem():
-    """A 6-5-4-3 tanh MLP in float64 with a batch of 8 inputs and targets."""
+FLOAT64_FIXTURES = ("problem64",)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "x64: run the test with float64 on (jax.enable_x64)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in FLOAT64_FIXTURES):
+            item.add_marker(pytest.mark.x64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_when_marked(request):
+    """Run tests marked `x64` with float64 on; every other test in JAX's default float32."""
+    if request.node.get_closest_marker("x64") is None:
+        yield
+    else:
+        with jax.enable_x64(True):
+            yield
+
+
+def _make_problem(dtype):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    params = init_mlp(k1, [6, 5, 4, 3])
-    x = jax.random.normal(k2, (8, 6))
-    y = jax.random.normal(k3, (8, 3))
+    params = init_mlp(k1, [6, 5, 4, 3], dtype)
+    x = jax.random.normal(k2, (8, 6), dtype)
+    y = jax.random.normal(k3, (8, 3), dtype)
     latent = {k: v for k, v in pc.forward_init(mlp, params, x).items() if k != "h2"}
     return params, x, {"h2": y}, latent
+
+
+@pytest.fixture(scope="session")
+def problem():
+    """A 6-5-4-3 tanh MLP in float32 with a batch of 8 inputs and targets."""
+    return _make_problem(jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def problem64():
+    """The same network and data in float64 (tests using it run with float64 on)."""
+    with jax.enable_x64(True):
+        return _make_problem(jnp.float64)
 
 
 @pytest.fixture(scope="session")

@@ -100,8 +100,8 @@ def test_vmap_over_samples_equals_batched_inference(problem):
     np.testing.assert_allclose(jnp.sum(energies), info.energy, rtol=1e-12)
 
 
-def test_grad_through_inference_matches_finite_differences(problem):
-    params, x, observed, latent = problem
+def test_grad_through_inference_matches_finite_differences(problem64):
+    params, x, observed, latent = problem64
 
     def relaxed_energy(scale):
         _states, info = pc.infer(
@@ -161,6 +161,7 @@ def call_model(model, x):
     return model(x)
 
 
+@pytest.mark.x64
 def test_equinox_params_fpa_grads_equal_backprop():
     model = TaggedMLP([5, 7, 3], jax.random.PRNGKey(3))
     x = jax.random.normal(jax.random.PRNGKey(4), (6, 5))
@@ -223,16 +224,17 @@ def test_incremental_pc_updates_params_every_step(problem):
         incremental=True,
         mean_over_batch=False,
     )
-    # The same thing written out: joint gradient, states and params updated together.
+    # The same thing written out: joint gradient, states and params updated together; the
+    # energy reported is the last step's, before its update.
     states, p = dict(latent), params
     for _ in range(3):
         energy = lambda p, s: pc.energy(mlp, p, s, x, observed)  # noqa: E731
-        gp, gs = jax.grad(energy, (0, 1))(p, states)
+        value, (gp, gs) = jax.value_and_grad(energy, (0, 1))(p, states)
         states = jax.tree.map(lambda s, g: s - 0.2 * g, states, gs)
         p = jax.tree.map(lambda w, g: w - 0.05 * g, p, gp)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(p)):
-        np.testing.assert_allclose(a, b, rtol=1e-12)
-    np.testing.assert_allclose(info.energy, pc.energy(mlp, p, states, x, observed), rtol=1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float32; max |diff| 3e-8
+    np.testing.assert_allclose(info.energy, value, rtol=1e-6)  # measured 0
 
 
 def test_per_sample_param_grads_by_vmap_sum_to_batch_grads(problem):
@@ -246,7 +248,7 @@ def test_per_sample_param_grads_by_vmap_sum_to_batch_grads(problem):
     per_sample = jax.vmap(one)(states, x, observed["h2"])
     batch = pc.param_grads(mlp, params, states, x, observed)
     for a, b in zip(jax.tree.leaves(per_sample), jax.tree.leaves(batch)):
-        np.testing.assert_allclose(a.sum(0), b, rtol=1e-12)
+        np.testing.assert_allclose(a.sum(0), b, rtol=2e-5, atol=1e-7)  # float32: 4.9e-6
 
 
 @pytest.mark.parametrize("unroll", [1, 3, True])

@@ -40,16 +40,16 @@ def test_energy_matches_formula_with_precisions(problem):
         + 0.25 * jnp.sum((observed["h2"] - mu2) ** 2)
     )
     value = pc.energy(mlp, params, shifted, x, observed, precision=precision)
-    np.testing.assert_allclose(value, expected, rtol=1e-12)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)  # float32; measured 0
     errors = pc.prediction_errors(mlp, params, shifted, x, observed)
-    np.testing.assert_allclose(errors["h1"], shifted["h1"] - mu1, rtol=1e-12)
+    np.testing.assert_allclose(errors["h1"], shifted["h1"] - mu1, rtol=1e-6)  # measured 0
     # At the feedforward states only the clamped output carries error.
     at_ff = pc.energy(mlp, params, latent, x, observed)
     np.testing.assert_allclose(at_ff, 0.5 * jnp.sum((observed["h2"] - mlp(params, x)) ** 2))
 
 
-def test_state_gradient_matches_finite_differences_and_formula(problem):
-    params, x, observed, latent = problem
+def test_state_gradient_matches_finite_differences_and_formula(problem64):
+    params, x, observed, latent = problem64
     states = {k: v + 0.2 * jnp.cos(v) for k, v in latent.items()}
     precision = {"h0": 1.5, "h1": jnp.array([0.5, 1.0, 2.0, 3.0]), "h2": 0.7}
 
@@ -64,22 +64,30 @@ def test_state_gradient_matches_finite_differences_and_formula(problem):
             bump = jnp.zeros_like(states[name]).at[index].set(eps)
             plus = f({**states, name: states[name] + bump})
             minus = f({**states, name: states[name] - bump})
-            np.testing.assert_allclose(grads[name][index], (plus - minus) / (2 * eps), rtol=1e-6)
+            np.testing.assert_allclose(
+                grads[name][index], (plus - minus) / (2 * eps), rtol=1e-8
+            )  # 1.7e-9
     # dF/dx_i = P_i e_i - J_c^T P_c e_c with J_c the Jacobian of the child's prediction.
     e = pc.prediction_errors(mlp, params, states, x, observed)
     pe = {k: precision[k] * e[k] for k in e}
     w1, w2 = params[1][0], params[2][0]
     child_h1 = (pe["h1"] @ w1.T) * (1 - jnp.tanh(states["h0"]) ** 2)
     child_h2 = (pe["h2"] @ w2.T) * (1 - jnp.tanh(states["h1"]) ** 2)
-    np.testing.assert_allclose(grads["h0"], pe["h0"] - child_h1, rtol=1e-10)
-    np.testing.assert_allclose(grads["h1"], pe["h1"] - child_h2, rtol=1e-10)
+    np.testing.assert_allclose(grads["h0"], pe["h0"] - child_h1, rtol=1e-13)  # measured 2.7e-15
+    np.testing.assert_allclose(grads["h1"], pe["h1"] - child_h2, rtol=1e-13)  # measured 2.5e-16
 
 
 def backprop_grads(params, x, y, gamma=1.0):
     return jax.grad(lambda p: 0.5 * gamma * jnp.sum((y - mlp(p, x)) ** 2))(params)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-5), (jnp.float32, 1e-4)])
+@pytest.mark.parametrize(
+    "dtype, rtol",
+    [
+        pytest.param(jnp.float64, 1e-15, marks=pytest.mark.x64),  # measured 1.6e-16
+        (jnp.float32, 1e-6),  # measured 1.1e-7
+    ],
+)
 def test_fixed_predictions_equal_backprop(dtype, rtol):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
     params = init_mlp(k1, [12, 10, 8, 6, 4], dtype)
@@ -109,8 +117,8 @@ def mlp_from(params, h1):
     return h
 
 
-def test_standard_pc_approaches_backprop_as_output_precision_shrinks(problem):
-    params, x, observed, latent = problem
+def test_standard_pc_approaches_backprop_as_output_precision_shrinks(problem64):
+    params, x, observed, latent = problem64
     reference = backprop_grads(params, x, observed["h2"])
     errors = []
     for gamma in [1.0, 0.1, 0.01, 0.001]:
@@ -132,6 +140,7 @@ def test_standard_pc_approaches_backprop_as_output_precision_shrinks(problem):
     assert errors[0] > 0.1 and errors[-1] < 0.03, errors
 
 
+@pytest.mark.x64
 def test_linear_gaussian_chain_reaches_closed_form_posterior():
     """z ~ N(m, 1/p0), h = A z + noise (P1), v = B h + noise (P2): posterior mean of (z, h)."""
     kz, _kh, ka, kb, kv = jax.random.split(jax.random.PRNGKey(2), 5)
@@ -185,7 +194,7 @@ def test_state_updates_do_not_depend_on_batch_size(problem):
     one = {k: v[:1] for k, v in latent.items()}
     single, _ = pc.infer(mlp, params, one, x[:1], {"h2": observed["h2"][:1]}, steps=5)
     for name in full:
-        np.testing.assert_allclose(single[name], full[name][:1], rtol=1e-12)
+        np.testing.assert_allclose(single[name], full[name][:1], rtol=5e-6)  # float32: 9.5e-7
 
 
 def test_inference_lowers_energy_and_records_it(problem):
@@ -213,8 +222,10 @@ def test_tolerance_stop_and_any_optax_optimizer(problem):
     )
     taken = int(info.steps)
     assert 0 < taken < 500
+    # The stop: every sample's state gradient has a norm of at most tol.
     grads = jax.grad(lambda s: pc.energy(mlp, params, s, x, observed))(states)
-    assert float(optax.tree.norm(grads)) <= 1e-6
+    per_sample = jnp.sqrt(sum(jnp.sum(g**2, axis=1) for g in grads.values()))
+    assert float(jnp.max(per_sample)) <= 1e-6
     assert np.all(np.isnan(np.asarray(info.energies[taken:])))
     assert np.all(np.isfinite(np.asarray(info.energies[:taken])))
 

@@ -30,7 +30,7 @@ def _relaxed_grads(fn, model, x, observed, steps=20):
     return states, info, pc.param_grads(fn, model, states, x, observed)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.x64)])
 def test_native_dtypes_are_kept(dtype):
     model, x, observed = _setup(dtype)
     states, info, grads = _relaxed_grads(nn.call, model, x, observed)
@@ -68,6 +68,7 @@ def test_bfloat16_compute_with_float32_states():
     assert info.energy.dtype == jnp.float32 and not bool(info.diverged)
 
 
+@pytest.mark.x64
 def test_mixed_precision_state_dtype_is_configurable():
     model, x, _ = _setup(jnp.float32)
     net = pc.mixed_precision(nn.call, compute_dtype=jnp.float16, state_dtype=jnp.float64)

@@ -72,6 +72,7 @@ def test_fixed_predictions_equal_backprop(architecture):
     assert rel_error(grads, reference) < 1e-4, name
 
 
+@pytest.mark.x64
 def test_standard_pc_approaches_backprop_on_a_resnet():
     k1, k2, k3 = jax.random.split(KEY, 3)
     model = nn.ResNet(4, 6, 2, 2, key=k1)  # float64 here: the limit needs tight equilibria

@@ -1,0 +1,366 @@
+"""Regression tests for the reliability pass (issue 10): each of these failed before its fix.
+
+Ground truths are hand-written energies differentiated with `jax.grad`, closed forms, or the
+same computation done sample by sample.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import mlp, rel_error, trees_equal
+
+import pcjax as pc
+
+
+def handwritten_energy(params, latent, x, observed, precision=None):
+    """The energy of `conftest.mlp` written out by hand: 1/2 sum_i p_i ||x_i - mu_i||^2."""
+    precision = precision or {}
+    nodes = {**latent, **observed}
+    h, total = x, 0.0
+    for i, (w, b) in enumerate(params):
+        name = f"h{i}"
+        total = total + 0.5 * jnp.sum(precision.get(name, 1.0) * (nodes[name] - (h @ w + b)) ** 2)
+        h = jnp.tanh(nodes[name])
+    return total
+
+
+def sgd_update(new, old):
+    """The gradient an `optax.sgd(1.0)` step applied: old - new."""
+    return jax.tree.map(lambda a, b: b - a, new, old)
+
+
+# ---------------------------------------------------------------- 1. Langevin keys
+
+
+def test_langevin_draws_fresh_noise_every_call_and_replays_a_key(problem):
+    params, x, observed, latent = problem
+    sampler = pc.langevin(0.05)
+
+    def sample(key):
+        return pc.infer(mlp, params, latent, x, observed, steps=3, optimizer=sampler, key=key)[0]
+
+    first, again, other = sample(jax.random.PRNGKey(0)), sample(jax.random.PRNGKey(0)), None
+    other = sample(jax.random.PRNGKey(1))
+    assert trees_equal(first, again)
+    assert not trees_equal(first, other)
+    # In training: two steps with different keys draw different noise, the same key the same.
+    optimizer = optax.sgd(0.1)
+    step = functools.partial(
+        pc.train_step, mlp, params, optimizer.init(params), x, observed,
+        optimizer=optimizer, steps=3, state_optimizer=sampler,
+    )  # fmt: skip
+    a, b, c = (step(key=jax.random.PRNGKey(k))[0] for k in (5, 5, 6))
+    assert trees_equal(a, b) and not trees_equal(a, c)
+
+
+def test_langevin_noise_is_independent_across_steps():
+    """With a zero gradient, T Langevin steps of size eta add N(0, 2 eta T I): the sum of T
+    independent draws. Replayed noise (the same draw every step) would give variance
+    2 eta T^2."""
+
+    def flat(params, batch):
+        return pc.node("z", jnp.zeros((batch.shape[0], 4)))
+
+    steps, eta, chains = 16, 0.01, 4000
+    start = {"z": jnp.zeros((chains, 4))}
+    # A zero precision is not allowed; a tiny one makes the drift negligible (1e-9 per step).
+    states, _ = pc.infer(
+        flat, None, start, jnp.zeros((chains, 0)), steps=steps,
+        optimizer=pc.langevin(eta), precision={"z": 1e-9}, key=jax.random.PRNGKey(2),
+    )  # fmt: skip
+    variance = float(jnp.var(states["z"]))
+    expected = 2 * eta * steps
+    # Standard error of a variance from 16,000 normal draws: sqrt(2/16000) = 1.1% of it.
+    assert abs(variance / expected - 1) < 0.05, (variance, expected)
+
+
+def test_langevin_without_a_key_is_a_clear_error(problem):
+    params, x, observed, latent = problem
+    with pytest.raises(ValueError, match=r"key="):
+        pc.infer(mlp, params, latent, x, observed, steps=2, optimizer=pc.langevin(0.05))
+    with pytest.raises(TypeError, match=r"key="):
+        pc.langevin(0.05, jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------- 2. flag combinations
+
+REJECTED = [
+    ({"incremental": True, "fixed_predictions": True}, "fixed_predictions"),
+    ({"incremental": True, "tol": 1e-3}, "tol"),
+    ({"incremental": True, "fisher": "diagonal"}, "fisher"),
+    ({"incremental": True, "nudging": "centred"}, "nudging"),
+    ({"nudging": "centred", "fixed_predictions": True}, "fixed_predictions"),
+    ({"nudging": "centred", "fisher": "diagonal"}, "fisher"),
+    ({"nudging": "centred", "precondition": True}, "precondition"),
+    ({"fixed_predictions": True, "fisher": "diagonal"}, "fisher"),
+]
+
+
+@pytest.mark.parametrize("options, named", REJECTED, ids=lambda v: str(v))
+def test_unimplemented_flag_combinations_are_rejected(problem, options, named):
+    params, x, observed, _ = problem
+    optimizer = optax.chain(pc.natural_gradient("diagonal"), optax.sgd(0.1))
+    with pytest.raises(ValueError, match=rf"`{named}`.*not supported|not supported.*`{named}`"):
+        pc.train_step(
+            mlp, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=2,
+            **options,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- 3./4. nudging
+
+
+def _two_layer(params, x):
+    """x -> h (custom energy: a Gaussian of precision 4 written by hand) -> y (Gaussian)."""
+    h = pc.node("h", x @ params["w1"], energy=lambda s, m: 2.0 * jnp.sum((s - m) ** 2))
+    return pc.node("y", jnp.tanh(h) @ params["w2"])
+
+
+def test_nudging_keeps_hidden_custom_energies():
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
+    params = {"w1": jax.random.normal(k1, (3, 4)) / 2, "w2": jax.random.normal(k2, (4, 2)) / 2}
+    x, y = jax.random.normal(k3, (5, 3)), jax.random.normal(k4, (5, 2))
+    beta, eta, steps = 0.1, 0.05, 30
+
+    def internal(p, s):  # the free network's energy, written by hand
+        return 2.0 * jnp.sum((s["h"] - x @ p["w1"]) ** 2) + 0.5 * jnp.sum(
+            (s["y"] - jnp.tanh(s["h"]) @ p["w2"]) ** 2
+        )
+
+    def nudged(s):
+        return internal(params, s) + beta * 0.5 * jnp.sum((y - s["y"]) ** 2)
+
+    states = {"h": x @ params["w1"], "y": jnp.tanh(x @ params["w1"]) @ params["w2"]}
+    for _ in range(steps):
+        states = jax.tree.map(lambda s, g: s - eta * g, states, jax.grad(nudged)(states))
+    expected = jax.tree.map(lambda g: g / beta, jax.grad(internal)(params, states))
+
+    optimizer = optax.sgd(1.0)
+    new, _, _ = pc.train_step(
+        _two_layer, params, optimizer.init(params), x, {"y": y}, optimizer=optimizer,
+        steps=steps, step_size=eta, nudging="positive", nudge=beta, mean_over_batch=False,
+    )  # fmt: skip
+    assert rel_error(sgd_update(new, params), expected) < 1e-4  # measured 3e-7 (float32)
+
+
+def _learned_precision_net(params, x):
+    h = pc.node("h", x @ params["w1"])
+    return pc.node("y", jnp.tanh(h) @ params["w2"])
+
+
+@pytest.mark.x64
+def test_nudged_precision_gradients_converge_to_the_equilibrium_gradient():
+    """With learned precisions the nudged estimates tend, as beta -> 0, to the gradient of the
+    output energy at the feedforward pass, L = 1/2 p ||y - f(x)||^2 - N/2 log p (N entries),
+    hidden precisions included (their gradient there is 0)."""
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(8), 4)
+    params = {
+        "w1": jax.random.normal(k1, (3, 4)) / 2,
+        "w2": jax.random.normal(k2, (4, 2)) / 2,
+        "precision": {"h": pc.ScalarPrecision(2.0), "y": pc.ScalarPrecision(3.0)},
+    }
+    x, y = jax.random.normal(k3, (5, 3)), jax.random.normal(k4, (5, 2))
+
+    def loss(p):
+        output = jnp.tanh(x @ p["w1"]) @ p["w2"]
+        py = p["precision"]["y"].value()
+        return 0.5 * py * jnp.sum((y - output) ** 2) - 0.5 * y.size * jnp.log(py)
+
+    expected = eqx.filter_grad(loss)(params)
+    optimizer = optax.sgd(1.0)
+
+    def estimate(nudging, beta):
+        new, _, info = pc.train_step(
+            _learned_precision_net, params, optimizer.init(params), x, {"y": y},
+            optimizer=optimizer, precision=lambda p: p["precision"], steps=3000, step_size=0.1,
+            tol=1e-12, nudging=nudging, nudge=beta, mean_over_batch=False,
+        )  # fmt: skip
+        assert int(info.inference_steps) < 3000
+        return sgd_update(new, params)
+
+    # (bias order, largest error at beta = 0.01); measured errors at beta = 0.1 / 0.01:
+    # positive 0.267 / 0.0363, negative 0.671 / 0.0395, centred 0.208 / 0.00169.
+    for nudging, order, bound in [
+        ("positive", 1, 0.08),
+        ("negative", 1, 0.08),
+        ("centred", 2, 5e-3),
+    ]:
+        errors = [rel_error(estimate(nudging, beta), expected) for beta in (0.1, 0.01)]
+        # An O(beta^k) bias shrinks about 10^k-fold: ask for half of that in decades.
+        assert errors[1] < bound and errors[0] / errors[1] > 10 ** (order / 2 + 0.3), errors
+
+
+# ---------------------------------------------------------------- 8. per-sample tolerance
+
+
+def test_tolerance_stops_the_same_sample_at_the_same_step_in_any_batch(problem):
+    params, x, observed, latent = problem
+
+    def steps_taken(x, observed, latent):
+        _, info = pc.infer(mlp, params, latent, x, observed, steps=500, step_size=0.1, tol=1e-3)
+        return int(info.steps)
+
+    def pick(tree, rows):
+        return jax.tree.map(lambda a: a[np.asarray(rows)], tree)
+
+    alone = [steps_taken(x[i : i + 1], pick(observed, [i]), pick(latent, [i])) for i in range(4)]
+    assert len(set(alone)) > 1  # the samples need different numbers of steps
+    together = steps_taken(x[:4], pick(observed, range(4)), pick(latent, range(4)))
+    assert together == max(alone)
+    copies = [0] * 8  # the same sample eight times stops where it stops alone
+    assert (
+        steps_taken(x[np.asarray(copies)], pick(observed, copies), pick(latent, copies)) == alone[0]
+    )
+
+
+# ---------------------------------------------------------------- 10. preconditioned custom nodes
+
+
+def _classifier(params, x):
+    h = pc.node("h", x @ params["w1"])
+    return pc.node("label", jnp.tanh(h) @ params["w2"], energy=pc.cross_entropy)
+
+
+def test_preconditioned_inference_with_a_free_custom_energy_node():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(9), 3)
+    params = {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4, 5))}
+    x = jax.random.normal(k3, (6, 3))
+    start = pc.forward_init(_classifier, params, x)
+    start["label"] = jnp.full((6, 5), 0.2)
+    precision, eta = 4.0, 0.1
+
+    def by_hand(s):
+        own = 0.5 * precision * jnp.sum((s["h"] - x @ params["w1"]) ** 2)
+        logits = jnp.tanh(s["h"]) @ params["w2"]
+        return own - jnp.sum(s["label"] * jax.nn.log_softmax(logits))
+
+    grads = jax.grad(by_hand)(start)
+    expected = {"h": start["h"] - eta * grads["h"] / precision, "label": start["label"]}
+    expected["label"] = start["label"] - eta * grads["label"]  # custom energy: not scaled
+    states, _ = pc.infer(
+        _classifier, params, start, x, steps=1, step_size=eta, precision={"h": precision},
+        precondition=True,
+    )  # fmt: skip
+    for name in expected:
+        np.testing.assert_allclose(states[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- 11./16. optimizer errors
+
+
+def test_errors_from_the_optimizer_are_not_blamed_on_its_initialisation(problem):
+    params, x, observed, _ = problem
+    model = pc.nn.MLP([6, 5, 3], key=jax.random.PRNGKey(0))  # dense layers: Fisher factors
+    optimizer = optax.chain(pc.natural_gradient("diagonal"), optax.sgd(0.1))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    with pytest.raises(ValueError, match="other mode") as caught:
+        pc.train_step(
+            pc.nn.call, model, opt_state, x, {"h1": observed["h2"]}, optimizer=optimizer,
+            steps=2, fisher="kronecker",
+        )  # fmt: skip
+    assert "initialise the optimizer state" not in str(caught.value)
+
+    def fussy_update(updates, state, params=None):
+        if jax.tree.leaves(updates)[0].sum() > 0:  # a Python branch on a traced value
+            pass
+        return updates, state
+
+    fussy = optax.GradientTransformation(lambda p: optax.EmptyState(), fussy_update)
+    step = jax.jit(functools.partial(pc.train_step, mlp, optimizer=fussy, steps=2))
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        step(params, fussy.init(params), x, observed)
+
+
+def test_an_optimizer_state_from_another_optimizer_is_named(problem):
+    params, x, observed, _ = problem
+    momentum = optax.sgd(0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"`opt_state` does not match `optimizer`"):
+        pc.train_step(
+            mlp, params, momentum.init(params), x, observed, optimizer=optax.adam(1e-3), steps=2
+        )
+    with pytest.raises(TypeError, match=r"`optimizer` must be an optax"):
+        pc.train_step(mlp, params, optax.EmptyState(), x, observed, optimizer=None, steps=2)
+
+
+@pytest.mark.parametrize("argument", ["states", "observed"])
+def test_node_dicts_of_the_wrong_type_are_named(problem, argument):
+    params, x, observed, latent = problem
+    bad = {"states": list(latent.values()), "observed": list(observed.values())}[argument]
+    kwargs = {"states": latent, "observed": observed, argument: bad}
+    with pytest.raises(TypeError, match=rf"`{argument}` must be a dict"):
+        pc.infer(mlp, params, kwargs["states"], x, kwargs["observed"], steps=1)
+    with pytest.raises(TypeError, match=rf"`{argument}` must be a dict"):
+        pc.energy(mlp, params, kwargs["states"], x, kwargs["observed"])
+
+
+# ---------------------------------------------------------------- 15. integer scalars
+
+
+def test_integer_scalars_are_accepted_as_steps_and_the_rest_rejected(problem):
+    params, x, observed, latent = problem
+    reference, _ = pc.infer(mlp, params, latent, x, observed, steps=3)
+    for steps in (np.int64(3), np.int32(3), jnp.asarray(3)):
+        states, _ = pc.infer(mlp, params, latent, x, observed, steps=steps)
+        assert trees_equal(states, reference)
+    for steps in (3.0, True, np.array([3]), "3"):
+        with pytest.raises(ValueError, match="`steps` must be a positive int"):
+            pc.infer(mlp, params, latent, x, observed, steps=steps)
+
+
+# ---------------------------------------------------------------- 17. Python float leaves
+
+
+def test_python_float_parameters_are_refused_with_their_path():
+    def scaled(params, x):
+        return pc.node("y", params["scale"] * x @ params["w"])
+
+    params = {"scale": 2.0, "w": jnp.ones((3, 2))}
+    x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+    optimizer = optax.sgd(0.1)
+    with pytest.raises(TypeError, match=r"\['scale'\].*Python float"):
+        pc.train_step(
+            scaled, params, optimizer.init(eqx.filter(params, eqx.is_inexact_array)), x,
+            {"y": y}, optimizer=optimizer, steps=1,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match=r"\['scale'\].*Python float"):
+        pc.param_grads(scaled, params, {}, x, {"y": y})
+
+
+# ---------------------------------------------------------------- 18. iPC's reported energy
+
+
+def test_incremental_energy_is_the_one_before_the_last_update(problem):
+    params, x, observed, latent = problem
+    steps, eta, lr, batch = 4, 0.1, 0.05, x.shape[0]
+    p, s = params, latent
+    for _ in range(steps):  # iPC by hand: one joint gradient of the hand-written energy a step
+        value, (gp, gs) = jax.value_and_grad(handwritten_energy, (0, 1))(p, s, x, observed)
+        s = jax.tree.map(lambda a, g: a - eta * g, s, gs)
+        p = jax.tree.map(lambda a, g: a - lr * g / batch, p, gp)
+    optimizer = optax.sgd(lr)
+    new, _, info = pc.train_step(
+        mlp, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=steps,
+        step_size=eta, incremental=True,
+    )  # fmt: skip
+    assert rel_error(new, p) < 1e-5  # measured 1e-7 (float32)
+    np.testing.assert_allclose(info.energy, value, rtol=1e-5)  # measured 2e-7
+
+
+# ---------------------------------------------------------------- standard-PC parameter gradients
+
+
+@pytest.mark.x64
+def test_standard_pc_param_grads_equal_jax_grad_of_the_handwritten_energy(problem64):
+    params, x, observed, latent = problem64
+    states, _ = pc.infer(mlp, params, latent, x, observed, steps=20, step_size=0.2)
+    precision = {"h0": 2.0, "h2": 0.5}
+    grads = pc.param_grads(mlp, params, states, x, observed, precision=precision)
+    expected = jax.grad(handwritten_energy)(params, states, x, observed, precision)
+    assert rel_error(grads, expected) < 1e-13  # measured 1e-16
