@@ -44,16 +44,21 @@ def init(sizes, seed=0):
     ]
 
 
-def natural(mode, lr, damping, refresh_every=10, momentum=0.9, cg_iters=10):
-    transform = pc.natural_gradient(
-        mode, damping=damping, ema_decay=0.95, refresh_every=refresh_every, cg_iters=cg_iters
-    )
+def natural(mode, lr, damping, mask, refresh_every=10, momentum=0.9, cg_iters=10):
+    """Natural gradient + SGD with momentum; running factors for the `mask`ed dense layers."""
+    if mode == "matrix_free":
+        transform = pc.natural_gradient(mode, damping=damping, cg_iters=cg_iters)
+    else:
+        transform = pc.natural_gradient(
+            mode, damping=damping, ema_decay=0.95, refresh_every=refresh_every, mask=mask
+        )
     return optax.chain(transform, optax.sgd(lr, momentum=momentum))
 
 
 def make_steps(args):
     """name -> (jitted step(params, opt_state, x, y), optimizer)."""
     label = "h2"
+    mask = pc.fisher_mask(mlp, init([784, args.hidden, args.hidden, 10]), jnp.zeros((1, 784)))
 
     def pc_step(optimizer, fisher=None):
         step = functools.partial(
@@ -73,13 +78,13 @@ def make_steps(args):
         "backprop + Adam": backprop_step(optax.adam(args.adam_lr)),
         "PC + Adam": pc_step(optax.adam(args.adam_lr)),
         "PC + natural (kronecker)": pc_step(
-            natural("kronecker", args.natural_lr, args.damping), "kronecker"
+            natural("kronecker", args.natural_lr, args.damping, mask), "kronecker"
         ),
         "PC + natural (diagonal)": pc_step(
-            natural("diagonal", args.natural_lr, args.damping), "diagonal"
+            natural("diagonal", args.natural_lr, args.damping, mask), "diagonal"
         ),
         "PC + natural (matrix_free)": pc_step(
-            natural("matrix_free", args.natural_lr, args.damping), "matrix_free"
+            natural("matrix_free", args.natural_lr, args.damping, mask), "matrix_free"
         ),
     }
 

@@ -17,6 +17,13 @@ Two kinds of precision values are accepted wherever pcjax takes `precision`:
   (definite) by construction through a log / Cholesky parameterisation, with the log-det term.
   Put the modules inside your parameters and pass `precision=lambda params: params[...]` to learn
   them with the parameters; pass them directly to keep them fixed.
+
+Dtypes, as in equinox: a module stores its parameters in `dtype=`, by default the dtype of the
+given values if they are a floating-point array, else JAX's default float (float32, or float64
+with `jax_enable_x64`: so a Python-number `value` with float64 on gives float64; pass
+`dtype=jnp.float32` or a float32 array for a float32 model). `from_moments` keeps the dtype.
+Whatever the precision's dtype, $P e$, $P^{-1} v$ and the log-det term come out in the dtype of
+the errors, so a precision never changes the dtype of a model's energy or of its states.
 """
 
 from __future__ import annotations
@@ -28,8 +35,29 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 Array = jax.Array
+
+
+def _param_dtype(name: str, values, dtype: DTypeLike | None) -> np.dtype:
+    """The dtype a module stores its parameters in: `dtype`, else that of floating `values`,
+    else JAX's default float (float64 under `jax_enable_x64`)."""
+    if dtype is None:
+        given = getattr(values, "dtype", None)
+        floating = given is not None and jnp.issubdtype(given, jnp.floating)
+        dtype = given if floating else jnp.result_type(float)
+    elif not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"pcjax.{name}: `dtype` must be a floating-point dtype, got {jnp.dtype(dtype)}."
+        )
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _like(result: Array, reference: Array) -> Array:
+    """`result` in the dtype of `reference` when that is a floating-point (or complex) dtype."""
+    dtype = jnp.result_type(reference)
+    return result.astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else result
 
 
 def _concrete(value) -> np.ndarray | None:
@@ -91,13 +119,14 @@ class DiagonalPrecision(Precision):
     """A precision per feature: $P = \\text{diag}(p)$, $p = \\text{floor} + e^{\\theta}$.
 
     `values` may have any shape that broadcasts to the node's trailing axes, e.g. `(features,)`
-    for a `(batch, features)` node or `(28, 28)` for a `(batch, 28, 28)` image node.
+    for a `(batch, features)` node or `(28, 28)` for a `(batch, 28, 28)` image node. `dtype`:
+    of the parameters; None takes that of floating-point `values`, else JAX's default float.
     """
 
     log_values: Array
 
-    def __init__(self, values: Array, *, floor: float = 0.0):
-        values = jnp.asarray(values, dtype=jnp.result_type(float))
+    def __init__(self, values: Array, *, floor: float = 0.0, dtype: DTypeLike | None = None):
+        values = jnp.asarray(values, dtype=_param_dtype(type(self).__name__, values, dtype))
         _check_positive(type(self).__name__, values, floor)
         self.floor = floor
         self.log_values = jnp.log(values - floor)
@@ -106,10 +135,10 @@ class DiagonalPrecision(Precision):
         return self.floor + jnp.exp(self.log_values)
 
     def weigh(self, errors):
-        return self.values() * errors
+        return _like(self.values() * errors, errors)
 
     def solve(self, vectors):
-        return vectors / self.values()
+        return _like(vectors / self.values(), vectors)
 
     def logdet(self):
         return jnp.sum(jnp.log(self.values()))
@@ -122,7 +151,8 @@ class DiagonalPrecision(Precision):
         return jnp.mean(errors**2, axis=lead)
 
     def from_moments(self, moments, damping=0.0):
-        return type(self)(1.0 / (moments + damping) + self.floor, floor=self.floor)
+        values = 1.0 / (moments + damping) + self.floor
+        return type(self)(values, floor=self.floor, dtype=self.log_values.dtype)
 
     def dense(self, dim):
         return jnp.diag(jnp.broadcast_to(self.values(), (dim,)))
@@ -137,15 +167,18 @@ class DiagonalPrecision(Precision):
 class ScalarPrecision(DiagonalPrecision):
     """One precision for every entry of the node: $P = p I$, $p = \\text{floor} + e^{\\theta}$.
 
-    A `DiagonalPrecision` whose values are a single scalar.
+    A `DiagonalPrecision` whose values are a single scalar. A Python-number `value` gives JAX's
+    default float (float64 with `jax_enable_x64`) unless `dtype` says otherwise.
     """
 
-    def __init__(self, value: float | Array = 1.0, *, floor: float = 0.0):
+    def __init__(
+        self, value: float | Array = 1.0, *, floor: float = 0.0, dtype: DTypeLike | None = None
+    ):
         if jnp.shape(value) != ():
             raise ValueError(
                 f"pcjax.ScalarPrecision: `value` must be a scalar, got shape {jnp.shape(value)}."
             )
-        super().__init__(value, floor=floor)
+        super().__init__(value, floor=floor, dtype=dtype)
 
     def value(self) -> Array:
         return self.values()
@@ -156,12 +189,14 @@ class FullPrecision(Precision):
 
     $L$ is lower triangular with a positive diagonal, stored as its strictly lower part and the
     log of its diagonal, so $P$ is symmetric positive definite for any parameter value.
+    `dtype`: of the parameters; None takes that of a floating-point `matrix`, else JAX's default
+    float.
     """
 
     raw: Array  # strictly lower part of L, with log(diag L) on the diagonal
 
-    def __init__(self, matrix: Array, *, floor: float = 0.0):
-        matrix = jnp.asarray(matrix, dtype=jnp.result_type(float))
+    def __init__(self, matrix: Array, *, floor: float = 0.0, dtype: DTypeLike | None = None):
+        matrix = jnp.asarray(matrix, dtype=_param_dtype("FullPrecision", matrix, dtype))
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(
                 f"pcjax.FullPrecision: `matrix` must be square, got shape {matrix.shape}."
@@ -193,19 +228,17 @@ class FullPrecision(Precision):
         return chol @ chol.T + self.floor * jnp.eye(chol.shape[0], dtype=chol.dtype)
 
     def weigh(self, errors):
-        return errors @ self.matrix()  # P is symmetric: row vectors times P
+        return _like(errors @ self.matrix(), errors)  # P is symmetric: row vectors times P
 
     def solve(self, vectors):
+        flat = vectors.reshape(-1, vectors.shape[-1]).T
         if self.floor == 0.0:
             chol = self.cholesky()
-            flat = vectors.reshape(-1, vectors.shape[-1]).T
             y = jax.scipy.linalg.solve_triangular(chol, flat, lower=True)
-            return jax.scipy.linalg.solve_triangular(chol.T, y, lower=False).T.reshape(
-                vectors.shape
-            )
-        return jnp.linalg.solve(self.matrix(), vectors.reshape(-1, vectors.shape[-1]).T).T.reshape(
-            vectors.shape
-        )
+            solved = jax.scipy.linalg.solve_triangular(chol.T, y, lower=False)
+        else:
+            solved = jnp.linalg.solve(self.matrix(), flat)
+        return _like(solved.T.reshape(vectors.shape), vectors)
 
     def logdet(self):
         if self.floor == 0.0:
@@ -224,7 +257,7 @@ class FullPrecision(Precision):
         covariance = moments + damping * jnp.eye(dim, dtype=moments.dtype)
         inverse = jnp.linalg.inv(covariance)
         inverse = 0.5 * (inverse + inverse.T) + self.floor * jnp.eye(dim, dtype=moments.dtype)
-        return FullPrecision(inverse, floor=self.floor)
+        return FullPrecision(inverse, floor=self.floor, dtype=self.raw.dtype)
 
     def dense(self, dim):
         return self.matrix()
@@ -239,25 +272,26 @@ class FullPrecision(Precision):
 
 
 def weigh(precision, errors: Array) -> Array:
-    """$P e$ for a precision module or a fixed elementwise array."""
+    """$P e$ for a precision module or a fixed elementwise array, in the errors' dtype."""
     if isinstance(precision, Precision):
         return precision.weigh(errors)
-    return precision * errors
+    return _like(precision * errors, errors)
 
 
 def solve(precision, vectors: Array) -> Array:
-    """$P^{-1} v$ for a precision module or a fixed elementwise array."""
+    """$P^{-1} v$ for a precision module or a fixed elementwise array, in the vectors' dtype."""
     if isinstance(precision, Precision):
         return precision.solve(vectors)
-    return vectors / precision
+    return _like(vectors / precision, vectors)
 
 
 def logdet_term(precision, errors: Array) -> Array | float:
-    """$-\\tfrac{N}{2} \\log\\det P$ for a module ($N$ error vectors); 0 for fixed arrays."""
+    """$-\\tfrac{N}{2} \\log\\det P$ for a module ($N$ error vectors), in the errors' dtype;
+    0 for fixed arrays."""
     if not isinstance(precision, Precision):
         return 0.0
     count = errors.size // precision.block_size()
-    return -0.5 * count * precision.logdet()
+    return _like(-0.5 * count * precision.logdet(), errors)
 
 
 def dense_matrix(precision, dim: int, dtype) -> Array:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -183,14 +184,76 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pickle
+class UnsafePickleError(ValueError):
+    """A data file's pickle names a global (a function or class) its format does not need."""
 
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """`_codecs.encode`, as Python 3 pickles non-empty `bytes` under protocols 0 to 2; latin-1
+    only."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """`bytes()`, as Python 3 pickles `b""` under protocols 0 to 2; no arguments."""
+    return b""
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickled CIFAR-10 batch needs: NumPy's array reconstructors (under the module
+    names of NumPy 1 and 2) and the two that Python 3 uses for `bytes` under protocols 0 to 2."""
+    reconstruct = np.zeros(0).__reduce__()[0]  # protocols 0 to 4
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+        ("__builtin__", "bytes"): _empty_bytes,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[core + ".multiarray", "_reconstruct"] = reconstruct
+        allowed[core + ".numeric", "_frombuffer"] = frombuffer
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, strings, numbers and NumPy arrays, and nothing that names
+    another global: a crafted file cannot make it call a function."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+        self.allowed = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise UnsafePickleError(
+                f"{self.path}: refused to unpickle the global {module}.{name}. A CIFAR-10 batch "
+                "holds only a dict of bytes, lists, ints and a NumPy uint8 array; this file is "
+                "not one and may be crafted to run code. Replace it with the original from "
+                "cifar-10-python.tar.gz."
+            )
+        return found
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            batch = _CifarUnpickler(f, path).load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"{path} is not a readable pickle of a CIFAR-10 batch: {error}"
+            ) from error
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch (no b'data'/b'labels').")
     try:
         data, labels = batch[b"data"], batch[b"labels"]
-    except (TypeError, KeyError) as error:
+    except KeyError as error:
         raise ValueError(f"{path} is not a CIFAR-10 batch (no b'data'/b'labels').") from error
     data = np.asarray(data, np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
@@ -211,7 +274,12 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
     `~/.cache/pcjax`), or `data_dir` itself when it holds `data_batch_1` ... `test_batch`.
     Nothing is downloaded. Images are NHWC float32 in [0, 1].
 
-    **Raises:** `DatasetUnavailableError` if the files are not there.
+    The batches are pickles; they are read by an unpickler that admits only the globals a batch
+    needs (NumPy's array reconstructors), so a crafted file cannot run code.
+
+    **Raises:** `DatasetUnavailableError` if the files are not there; `UnsafePickleError` (a
+    `ValueError`) if a file's pickle names any other function or class; `ValueError` if a file
+    is not a readable CIFAR-10 batch.
     """
     directory = default_data_dir(data_dir)
     folder = next(

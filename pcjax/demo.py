@@ -67,12 +67,29 @@ def backprop_step(optimizer: optax.GradientTransformation) -> Callable:
     return step
 
 
+@jax.jit
+def _count_hits(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The number of rows whose predicted class, $\\arg\\max_k\\, \\mathrm{mlp}(x)_k$, is `y`."""
+    return jnp.sum(jnp.argmax(mlp(params, x), -1) == y)
+
+
 def accuracy(params: Params, x: np.ndarray, y: np.ndarray, batch: int = 2000) -> float:
-    predict = jax.jit(lambda p, x: jnp.argmax(mlp(p, x), -1))
-    hits = sum(
-        int(jnp.sum(predict(params, x[i : i + batch]) == y[i : i + batch]))
-        for i in range(0, len(x), batch)
-    )
+    """The fraction of rows of `x` whose predicted class is `y`.
+
+    Evaluated in chunks of `min(batch, len(x))` rows; the last chunk is padded to that size with
+    rows labelled -1 (no class), so every call on sets of that chunk size reuses one compiled
+    function (one per distinct chunk size and network, compiled on the first call).
+    """
+    size = min(batch, len(x))
+    y = np.asarray(y, np.int32)
+    hits = 0
+    for start in range(0, len(x), size):
+        xs, ys = x[start : start + size], y[start : start + size]
+        if len(xs) < size:
+            pad = size - len(xs)
+            xs = np.concatenate([xs, np.zeros((pad, *xs.shape[1:]), xs.dtype)])
+            ys = np.concatenate([ys, np.full(pad, -1, np.int32)])
+        hits += int(_count_hits(params, xs, ys))
     return hits / len(x)
 
 

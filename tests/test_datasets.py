@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
+import os
+import pickle
+import shlex
 import shutil
 import socket
 import threading
@@ -126,16 +129,20 @@ def test_bundled_digits():
     assert set(np.unique(data.y_test)) == set(range(10))
 
 
-def _write_cifar(folder, rng, n=6):
-    import pickle
-
+def _write_cifar(folder, rng, n=6, protocol=pickle.DEFAULT_PROTOCOL):
+    """The six batches of the official layout (dicts with bytes keys), n random images each."""
     folder.mkdir(parents=True)
     batches = {}
     for name in [*datasets.CIFAR10_TRAIN_BATCHES, "test_batch"]:
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
+        batch = {
+            b"batch_label": b"" if name == "test_batch" else name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         batches[name] = (data, labels)
     return batches
 
@@ -160,8 +167,6 @@ def test_cifar10_missing_or_malformed(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(datasets.DatasetUnavailableError, match="data_batch_3"):
         datasets.load_cifar10(tmp_path / "c")
-    import pickle
-
     with open(folder / "data_batch_3", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match=r"\(n, 3072\)"):
@@ -185,3 +190,74 @@ def test_synthetic_images_are_learnable_and_seeded():
     unshifted = datasets.synthetic_images((8, 8, 3), n_train=400, n_test=100, max_shift=0)
     assert nearest_class_mean_accuracy(unshifted) > 0.8
     assert nearest_class_mean_accuracy(a) < nearest_class_mean_accuracy(unshifted) - 0.3
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5, "numpy 1"])
+def test_cifar10_pickles_of_every_protocol_load(tmp_path, protocol):
+    """Well-formed batches load under every pickle protocol; "numpy 1" names the array
+    reconstructor by its NumPy 1 module (numpy.core), as the official (Python 2) files do."""
+    folder = tmp_path / datasets.CIFAR10_FOLDER
+    batches = _write_cifar(
+        folder, np.random.default_rng(1), n=3, protocol=2 if protocol == "numpy 1" else protocol
+    )
+    if protocol == "numpy 1":
+        for name in batches:
+            raw = (folder / name).read_bytes()
+            assert b"numpy._core.multiarray\n_reconstruct" in raw
+            (folder / name).write_bytes(raw.replace(b"numpy._core.", b"numpy.core."))
+    data = datasets.load_cifar10(tmp_path)
+    raw, labels = batches["data_batch_2"]
+    expected = raw.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1) / np.float32(255)
+    np.testing.assert_array_equal(data.x_train[3:6], expected)
+    assert data.y_train[3:6].tolist() == labels and data.y_train.dtype == np.int32
+
+
+def _mark(path):
+    """The malicious payload's stand-in: leaves a file behind if it ever runs."""
+    with open(path, "w") as f:
+        f.write("ran")
+
+
+class _Payload:
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("via", ["os.system", "test function"])
+def test_cifar10_refuses_pickles_that_call_functions(tmp_path, via):
+    """A data_batch_1 whose pickle calls a function (hidden in an otherwise well-formed batch) is
+    refused, naming the file and the global, and the function never runs."""
+    folder = tmp_path / datasets.CIFAR10_FOLDER
+    _write_cifar(folder, np.random.default_rng(2), n=3)
+    marker = tmp_path / "payload-ran"
+    if via == "os.system":
+        function, argument = os.system, f"touch {shlex.quote(str(marker))}"
+    else:
+        function, argument = _mark, str(marker)
+    batch = pickle.loads((folder / "data_batch_1").read_bytes())
+    batch[b"filenames"].append(_Payload(function, argument))
+    crafted = pickle.dumps(batch)
+    (folder / "data_batch_1").write_bytes(crafted)
+    with pytest.raises(ValueError, match=r"refused") as info:
+        datasets.load_cifar10(tmp_path)
+    assert not marker.exists()
+    message = str(info.value)
+    assert str(folder / "data_batch_1") in message
+    assert f"{function.__module__}.{function.__name__}" in message
+    assert isinstance(info.value, datasets.UnsafePickleError)
+    # Control: the crafted file is a working exploit for a plain unpickler.
+    pickle.loads(crafted)
+    assert marker.exists()
+
+
+def test_cifar10_unreadable_pickle_names_the_file(tmp_path):
+    """A truncated batch is a ValueError that names the file, not a bare UnpicklingError."""
+    folder = tmp_path / datasets.CIFAR10_FOLDER
+    _write_cifar(folder, np.random.default_rng(3), n=3)
+    raw = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"test_batch.*not a readable pickle"):
+        datasets.load_cifar10(tmp_path)

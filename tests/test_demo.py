@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import jax
+import numpy as np
 import pytest
 
 from pcjax import demo
@@ -45,3 +47,51 @@ def test_offline_fallback_trains_and_reports(tmp_path, capsys):
 def test_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         demo.main(["--epochs", "0"])
+
+
+def _numpy_predictions(params, x):
+    """The demo MLP's argmax class in float64 NumPy (tanh-approximate GELU, as jax.nn.gelu)."""
+    h = np.asarray(x, np.float64)
+    for i, (w, b) in enumerate(params):
+        h = h @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+        if i < len(params) - 1:
+            h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    return h.argmax(-1)
+
+
+def test_accuracy_compiles_once_across_epochs(monkeypatch):
+    """Two epochs of train and test accuracy (both sets ragged in chunks of 16) trace and compile
+    the evaluation once, and count exactly the rows whose label is the predicted class."""
+    rng = np.random.default_rng(0)
+    # Shapes no other test uses, so the first call finds no compiled function (NumPy parameters:
+    # no eager JAX random ops to compile).
+    params = [
+        (rng.standard_normal((a, b)).astype(np.float32) / np.sqrt(a), np.zeros(b, np.float32))
+        for a, b in [(7, 9), (9, 10)]
+    ]
+    sets = {}
+    for name, n in [("train", 50), ("test", 20)]:
+        x = rng.standard_normal((n, 7)).astype(np.float32)
+        y = _numpy_predictions(params, x).astype(np.int32)
+        wrong = rng.permutation(n)[: n // 3]
+        y[wrong] = (y[wrong] + 1) % 10
+        sets[name] = (x, y, (n - len(wrong)) / n)
+
+    traces = []
+    forward = demo.mlp
+    monkeypatch.setattr(demo, "mlp", lambda p, x: traces.append(x.shape) or forward(p, x))
+    compiles = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            for x, y, expected in sets.values():
+                assert demo.accuracy(params, x, y, batch=16) == expected
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(traces) == 1, traces
+    assert len(compiles) == 1
