@@ -1,13 +1,17 @@
-"""Tagging intermediate values of a JAX function as predictive-coding nodes.
+r"""Tagging intermediate values of a JAX function as predictive-coding nodes.
 
 A forward function becomes a PC network by wrapping the values that should be nodes in
-`pcjax.node(name, value)`. Outside pcjax this is the identity. Inside pcjax a *tape* is active
-for the duration of one call of the function: it records each tagged `value` (the node's
-prediction mu, computed from whatever its parents returned) and hands back the node's own state
-x instead, so one call yields every node's prediction from its parents' *states*.
+`pcjax.node(name, value)`. The tag is a JAX primitive (`pcjax._harvest`): outside pcjax it is
+the identity under every transformation, and inside pcjax the function is traced to a jaxpr and
+evaluated by an interpreter that records each tagged value (the node's prediction $\mu$,
+computed from whatever its parents returned) and hands back the node's own state $x$ instead, so
+one call yields every node's prediction from its parents' *states*. Because the tag is part of
+the traced program, it survives `jax.vmap`, `lax.scan`, `jax.jit` (whatever the state of its
+cache) and `jax.checkpoint` inside the function.
 
-The tape lives in a `contextvars.ContextVar` that is set only while pcjax traces the user's
-function, so it works unchanged under `jax.jit`, `jax.vmap`, `jax.grad` and `lax.scan`.
+The Kronecker and diagonal Fisher statistics still record `pcjax.dense` layers with a tape (a
+`contextvars.ContextVar` active while the function is called directly), which sees the layers of
+functions without inner transformations only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ._harvest import harvest, tag, tagged_nodes
 
 Array = jax.Array
 Nodes = dict[str, Array]
@@ -89,34 +95,41 @@ _active_tape: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
 def node(
     name: str, value: Array, *, energy: Callable[[Array, Array], Array] | None = None
 ) -> Array:
-    """Tag `value` as the prediction of the PC node `name`.
+    r"""Tag `value` as the prediction of the PC node `name`.
 
-    Called outside pcjax this returns `value` unchanged, so a tagged function is still an
-    ordinary JAX function. Inside pcjax (`energy`, `infer`, `forward_init`, ...) `value` is
-    recorded as the node's prediction $\\mu_{\\text{name}}$ and the node's current state
-    $x_{\\text{name}}$ is returned in its place, so that downstream computation (the children
-    of the node) is driven by the state, not by the prediction.
+    Called outside pcjax this returns `value` unchanged (under `jit`, `grad`, `vmap`, ...), so a
+    tagged function is still an ordinary JAX function. Inside pcjax (`energy`, `infer`,
+    `forward_init`, ...) `value` is recorded as the node's prediction $\mu_{\text{name}}$ and
+    the node's current state $x_{\text{name}}$ is returned in its place, so that downstream
+    computation (the children of the node) is driven by the state, not by the prediction.
 
     **Arguments:**
 
     - `name`: a name unique within one call of the function.
     - `value`: one array, the prediction of the node computed from its parents.
     - `energy`: the node's energy term as a function `(state, prediction) -> scalar` (summed
-      over the batch), replacing the default Gaussian $\\tfrac12 e^\\top P e$; e.g.
+      over the batch), replacing the default Gaussian $\tfrac12 e^\top P e$; e.g.
       `pcjax.cross_entropy` for a label node whose prediction is logits. Such nodes take no
       precision and no natural gradient.
 
     **Returns:** `value`, or the node's state when pcjax substitutes states.
 
-    Tag at the level of the function handed to pcjax: a `pcjax.node` call inside a `jax.jit`
-    or `jax.vmap` *nested in* that function would record values of the inner trace. To apply a
-    per-sample function to a batch, vmap the pcjax call instead (the energy is a sum over
-    samples).
+    Tags may sit inside transformations of the function's own:
+
+    - `jax.vmap` / `eqx.filter_vmap`: the node's state is batched, with the vmapped axis first
+      (nested vmaps: outermost first); e.g. per-sample equinox layers vmapped over a batch.
+    - `lax.scan`: the state is stacked along a new leading axis of the scan's length, one state
+      per step (per time step of an RNN, per layer of a scan over layers); the prediction at
+      step $t$ is computed from the body's inputs at step $t$, i.e. from the states of step
+      $t - 1$ when they are carried.
+    - `jax.jit`, `eqx.filter_jit`, `jax.checkpoint` / `eqx.filter_checkpoint`: transparent.
+    - a node inside `lax.while_loop`, `lax.cond` / `switch`, a `custom_jvp` / `custom_vjp`
+      function or `shard_map` raises a `ValueError` naming the node and the construct.
     """
     tape = _active_tape.get()
-    if tape is None:
-        return value
-    return tape.visit(name, value, energy)
+    if tape is not None and tape.dense is not None:
+        return tape.visit(name, value, energy)
+    return tag(name, value, energy=energy)
 
 
 class DenseUse(NamedTuple):
@@ -129,12 +142,12 @@ class DenseUse(NamedTuple):
 
 
 def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
-    """A dense layer `inputs @ weight + bias`, visible to pcjax's Fisher statistics.
+    r"""A dense layer `inputs @ weight + bias`, visible to pcjax's Fisher statistics.
 
     It computes exactly `inputs @ weight (+ bias)`. Used as the prediction of a node,
     `pcjax.node(name, pcjax.dense(h, w, b))`, it lets the `"diagonal"` and `"kronecker"` modes
     of `pcjax.natural_gradient` find the layer's input $h$ and node, whose Fisher is
-    $\\mathbb{E}[h h^\\top] \\otimes P$. Pass the parameter arrays themselves (not
+    $\mathbb{E}[h h^\top] \otimes P$. Pass the parameter arrays themselves (not
     transformed copies), and tag the result directly.
 
     **Arguments:** `inputs` of shape `(..., in)`, `weight` of shape `(in, out)`, optional `bias`
@@ -165,11 +178,35 @@ def run_tagged(
 ) -> tuple[Any, Nodes]:
     """Call `fn(params, x)` with the node states in `values` substituted.
 
-    Returns the function's output and the dict of every tagged node's prediction.
-    Raises if `values` names a node the function does not tag. Pass a `_Tape` to keep
-    what it recorded.
+    Returns the function's output and the dict of every tagged node's prediction. Raises if
+    `values` names a node the function does not tag, or if it tags none. A `_Tape` that records
+    `pcjax.dense` layers (for the Fisher statistics) calls the function directly under the tape;
+    otherwise the function is traced and interpreted (`pcjax._harvest`).
     """
-    tape = _Tape(values) if tape is None else tape
+    if tape is not None and tape.dense is not None:
+        return _run_under_tape(fn, params, x, values, tape)
+    hook = _Tape(values)  # only collects `mixed_precision`'s dtypes while `fn` is traced
+    token = _active_tape.set(hook)
+    try:
+        out, predictions = harvest(fn, record_dtype=lambda: _state_dtype(hook))(values, params, x)
+    finally:
+        _active_tape.reset(token)
+    if not predictions:
+        raise ValueError(
+            "pcjax: the function tagged no node; wrap intermediate values in "
+            "pcjax.node(name, value) to make them PC nodes."
+        )
+    return out, predictions
+
+
+def _state_dtype(tape: _Tape) -> Any:
+    return None if tape.dtypes is None else tape.dtypes[1]
+
+
+def _run_under_tape(
+    fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None, tape: _Tape
+) -> tuple[Any, Nodes]:
+    """The direct call under a recording tape (no inner transformations are seen through)."""
     token = _active_tape.set(tape)
     try:
         out = fn(params, x)
@@ -193,7 +230,8 @@ def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
     """Feedforward values of every tagged node of `fn(params, x)`.
 
     These are the usual initial states for inference: with them, every latent prediction error
-    is zero and only clamped (observed) nodes carry error.
+    is zero and only clamped (observed) nodes carry error. Nodes tagged under `jax.vmap` or in
+    a `lax.scan` body come batched / stacked (see `pcjax.node`).
 
     **Returns:** a dict mapping node names to arrays.
     """
@@ -204,14 +242,29 @@ def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
 def node_energies(
     fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any
 ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Callable]]:
-    """Shapes of every node's prediction and the custom energies, from an abstract trace."""
-    tape = _Tape(values)
-    shapes = jax.eval_shape(lambda: run_tagged(fn, params, x, values, tape)[1])
-    return shapes, dict(tape.energies)
+    """Shapes of every node's prediction and the custom energies, from a trace.
+
+    Also validates `values` against the nodes (unknown names, shapes), as `run_tagged` does.
+    """
+    hook = _Tape(values)
+    token = _active_tape.set(hook)
+    try:
+        shapes, energies = tagged_nodes(fn)(params, x)
+        if not shapes:
+            raise ValueError(
+                "pcjax: the function tagged no node; wrap intermediate values in "
+                "pcjax.node(name, value) to make them PC nodes."
+            )
+        jax.eval_shape(
+            lambda: harvest(fn, record_dtype=lambda: _state_dtype(hook))(values, params, x)[1]
+        )
+    finally:
+        _active_tape.reset(token)
+    return shapes, energies
 
 
 def predictions(fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any) -> Nodes:
-    """Every node's prediction $\\mu_i = g_i(\\text{parents' states})$, given all node states."""
+    r"""Every node's prediction $\mu_i = g_i(\text{parents' states})$, given all node states."""
     return run_tagged(fn, params, x, values)[1]
 
 

@@ -1,0 +1,464 @@
+"""Transformation-transparent node tags: a `pcjax_node` primitive and a jaxpr interpreter.
+
+`tag(name, value)` binds the primitive `pcjax_node`, an identity that JAX's transformations
+carry along like any other operation: under `jax.vmap` it is re-bound on the batched value
+(batch axis moved to the front, so a vmapped node's state is `(batch, *shape)`), under
+`jax.jvp`/`jax.grad` it tags the primal and lets the tangent through, under `jax.jit` it lowers
+to nothing. So a tagged function stays an ordinary JAX function, and its traced program
+(jaxpr) contains one `pcjax_node` equation per tag, wherever the tag sits: inside a nested
+`jax.jit` (even one whose cache is warm), `jax.checkpoint`, `jax.vmap` or `lax.scan`.
+
+`harvest(fn)` traces `fn` to a jaxpr and evaluates it with its own interpreter. At every
+`pcjax_node` equation it records the tagged value $\\mu$ (the node's *prediction*) and, when a
+state $x$ is given for the node, continues with $x$ in place of $\\mu$. Higher-order primitives
+are handled recursively:
+
+- `jit`, `closed_call`, `call`: evaluated inline (transparent);
+- `remat2` (`jax.checkpoint`): re-wrapped in `jax.checkpoint` with the same policy, the node
+  states as extra inputs and the predictions as extra outputs;
+- `scan`: re-run as a `lax.scan` whose body interprets the body jaxpr. A node in the body has a
+  state and a prediction stacked along a new leading axis of the scan length $T$: state
+  `(T, *step_shape)`, slice $t$ used at step $t$; the prediction at step $t$ is computed from the
+  body's inputs at step $t$ (so from the states of step $t-1$ when the carry is the previous
+  step's node);
+- `while`, `cond`, `custom_jvp_call`, `custom_vjp_call`, `shard_map` and any other primitive
+  with a node inside: a `ValueError` naming the node and the construct.
+
+Equations with no node inside are re-bound as they are (custom derivative rules included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core
+from jax.interpreters import ad, batching, mlir
+
+Array = jax.Array
+
+__all__ = ["harvest", "node_p", "tag", "tagged_nodes"]
+
+Energy = Callable[[Array, Array], Array]
+
+# --------------------------------------------------------------------------------------------
+# The primitive.
+
+node_p = core.Primitive("pcjax_node")
+"""`pcjax_node[name, energy](x) = x`: tags `x` as the prediction of the PC node `name`.
+
+`energy` is the node's custom energy `(state, prediction) -> scalar`, or None (Gaussian); it
+travels in the equation's parameters, so it is found even in a nested jit with a warm cache.
+"""
+
+
+def _node_impl(x: Array, **params: Any) -> Array:
+    del params
+    return x
+
+
+def _node_abstract_eval(aval: Any, **params: Any) -> Any:
+    del params
+    return aval
+
+
+def _node_batch(args: Sequence[Array], dims: Sequence[Any], **params: Any) -> tuple[Array, int]:
+    """Re-tag the batched value with its batch axis moved to the front.
+
+    So a node under `jax.vmap` has a state and a prediction of shape `(batch, *shape)`, whatever
+    axis the batch happened to sit on inside the traced program (nested vmaps: outermost first).
+    """
+    (x,), (dim,) = args, dims
+    return node_p.bind(jnp.moveaxis(x, dim, 0), **params), 0
+
+
+def _node_jvp(primals: Sequence[Array], tangents: Sequence[Any], **params: Any):
+    """Tag the primal; the tangent passes through untouched (d tag(x) / dx = I)."""
+    (x,), (t,) = primals, tangents
+    return node_p.bind(x, **params), t
+
+
+def _node_transpose(ct: Any, x: Any, **params: Any) -> list[Any]:
+    del x, params
+    return [ct]
+
+
+node_p.def_impl(_node_impl)
+node_p.def_abstract_eval(_node_abstract_eval)
+batching.primitive_batchers[node_p] = _node_batch
+ad.primitive_jvps[node_p] = _node_jvp
+ad.primitive_transposes[node_p] = _node_transpose
+mlir.register_lowering(node_p, lambda ctx, x, **_: [x])
+
+
+def tag(name: str, value: Any, *, energy: Energy | None = None) -> Array:
+    """Tag `value` as the prediction of the PC node `name`; returns `value`.
+
+    Outside `harvest` this is the identity (under any JAX transformation). Inside `harvest`
+    the value is recorded and, if the node has a state, the state is used downstream instead.
+    `energy`, a function `(state, prediction) -> scalar`, replaces the Gaussian energy of the
+    node (reported by `tagged_nodes`).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"pcjax.node: the node name must be a str, got {name!r}.")
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")) and not isinstance(
+        value, (int, float, complex)
+    ):
+        raise TypeError(
+            f"pcjax.node: node {name!r} must tag one array, got {type(value).__name__}. "
+            "Tag each array of a pytree as its own node."
+        )
+    if energy is not None and not callable(energy):
+        raise TypeError(
+            f"pcjax.node: the energy of node {name!r} must be a function "
+            f"(state, prediction) -> scalar, got {type(energy).__name__}."
+        )
+    return node_p.bind(jnp.asarray(value), name=name, energy=energy)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the nodes of a jaxpr.
+
+_INLINE = frozenset({"jit", "pjit", "closed_call", "call", "core_call"})
+_REMAT = frozenset({"remat2", "remat", "checkpoint"})
+_CONSTRUCTS = {
+    "while": "a lax.while_loop / lax.fori_loop",
+    "cond": "a lax.cond / lax.switch branch",
+    "custom_jvp_call": "a jax.custom_jvp function",
+    "custom_vjp_call": "a jax.custom_vjp function",
+    "shard_map": "a shard_map",
+}
+_ADVICE = {
+    "while": "use lax.scan (or lax.fori_loop with static bounds, which is a scan)",
+    "cond": "compute every branch and select with jnp.where",
+    "custom_jvp_call": (
+        "tag the value outside the custom_jvp function: its derivative rule cannot see "
+        "the substituted state"
+    ),
+    "custom_vjp_call": (
+        "tag the value outside the custom_vjp function: its derivative rule cannot see "
+        "the substituted state"
+    ),
+}
+
+
+def _subjaxprs(eqn: core.JaxprEqn) -> Iterator[tuple[core.Jaxpr, Sequence[Any]]]:
+    """Every sub-jaxpr in the parameters of `eqn`, with its constants."""
+    for param in eqn.params.values():
+        for item in param if isinstance(param, tuple) else (param,):
+            if isinstance(item, core.ClosedJaxpr):
+                yield item.jaxpr, item.consts
+            elif isinstance(item, core.Jaxpr):
+                yield item, ()
+
+
+class _Nodes:
+    """The nodes of one traced program: their shapes, and which sub-jaxprs hold any.
+
+    `avals[name]` is the node's (stacked) shape and dtype: the tagged value's shape, preceded by
+    the length of every enclosing scan (outermost first).
+    """
+
+    def __init__(self, jaxpr: core.Jaxpr):
+        self.avals: dict[str, jax.ShapeDtypeStruct] = {}
+        self.energies: dict[str, Energy] = {}
+        self.scan_depth: dict[str, int] = {}
+        self._inside: dict[int, tuple[core.Jaxpr, frozenset[str]]] = {}
+        self._walk(jaxpr, ())
+
+    def inside(self, jaxpr: core.Jaxpr) -> frozenset[str]:
+        """The names of the nodes tagged anywhere in `jaxpr` (recursively)."""
+        key = id(jaxpr)
+        if key not in self._inside:
+            names: set[str] = set()
+            for eqn in jaxpr.eqns:
+                if eqn.primitive is node_p:
+                    names.add(eqn.params["name"])
+                for sub, _ in _subjaxprs(eqn):
+                    names |= self.inside(sub)
+            self._inside[key] = (jaxpr, frozenset(names))
+        return self._inside[key][1]
+
+    def _walk(self, jaxpr: core.Jaxpr, lead: tuple[int, ...]) -> None:
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if eqn.primitive is node_p:
+                self._add(eqn.params["name"], eqn.invars[0].aval, lead)
+                if eqn.params["energy"] is not None:
+                    self.energies[eqn.params["name"]] = eqn.params["energy"]
+                continue
+            subs = [sub for sub, _ in _subjaxprs(eqn)]
+            names = frozenset().union(*map(self.inside, subs))
+            if not names:
+                continue
+            if name in _INLINE or name in _REMAT:
+                for sub in subs:
+                    self._walk(sub, lead)
+            elif name == "scan":
+                self._walk(eqn.params["jaxpr"].jaxpr, (*lead, eqn.params["length"]))
+            else:
+                raise _unsupported(name, names)
+
+    def _add(self, name: str, aval: Any, lead: tuple[int, ...]) -> None:
+        if name in self.avals:
+            raise ValueError(
+                f"pcjax.node: node {name!r} is tagged twice in one call of the function; "
+                "every node needs a unique name (e.g. add the layer index). A node inside "
+                "lax.scan counts once: its state is stacked over the steps."
+            )
+        self.avals[name] = jax.ShapeDtypeStruct((*lead, *aval.shape), aval.dtype)
+        self.scan_depth[name] = len(lead)
+
+
+def _unsupported(primitive: str, names: frozenset[str]) -> ValueError:
+    construct = _CONSTRUCTS.get(primitive, f"the primitive {primitive!r}")
+    advice = _ADVICE.get(primitive, "tag the value outside it")
+    return ValueError(
+        f"pcjax.node: node(s) {sorted(names)} are tagged inside {construct}, which pcjax "
+        f"cannot substitute states into; {advice}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter.
+
+
+class _Harvester:
+    """Evaluates jaxprs, recording node predictions and substituting node states.
+
+    `states` holds the (already checked) states of the nodes this evaluation reaches, with the
+    stacking of any enclosing scan already sliced away.
+    """
+
+    def __init__(self, nodes: _Nodes, states: Mapping[str, Array], record_dtype: Any):
+        self.nodes = nodes
+        self.states = states
+        self.record_dtype = record_dtype
+        self.predictions: dict[str, Array] = {}
+
+    def child(self, states: Mapping[str, Array]) -> _Harvester:
+        return _Harvester(self.nodes, states, self.record_dtype)
+
+    def states_of(self, names: frozenset[str]) -> dict[str, Array]:
+        return {n: self.states[n] for n in sorted(names) if n in self.states}
+
+    def merge(self, predictions: Mapping[str, Array]) -> None:
+        self.predictions.update(predictions)
+
+    def run(self, jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        env: dict[core.Var, Any] = {}
+
+        def read(v: Any) -> Any:
+            return v.val if isinstance(v, core.Literal) else env[v]
+
+        env.update(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            with eqn.ctx.manager:
+                outvals = self.eqn(eqn, invals)
+            env.update(zip(eqn.outvars, outvals))
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+        name = eqn.primitive.name
+        if eqn.primitive is node_p:
+            return [self.visit(eqn.params["name"], invals[0])]
+        subs = list(_subjaxprs(eqn))
+        if not any(self.nodes.inside(sub) for sub, _ in subs):
+            params = eqn.primitive.get_bind_params(eqn.params)
+            out = eqn.primitive.bind(*invals, **params)
+            return list(out) if eqn.primitive.multiple_results else [out]
+        if name in _INLINE:
+            ((sub, consts),) = subs
+            return self.run(sub, consts, invals)
+        if name in _REMAT:
+            return self.remat(eqn, invals)
+        if name == "scan":
+            return self.scan(eqn, invals)
+        raise AssertionError(f"unreachable: {name}")  # _Nodes rejected it already
+
+    def visit(self, name: str, value: Array) -> Array:
+        """Record `value` as the prediction of `name`; return the node's state if it has one."""
+        recorded = value
+        if self.record_dtype is not None and jnp.issubdtype(value.dtype, jnp.inexact):
+            recorded = value.astype(self.record_dtype)
+        self.predictions[name] = recorded
+        if name not in self.states:
+            return value
+        state = self.states[name]
+        return state if state.dtype == value.dtype else state.astype(value.dtype)
+
+    def remat(self, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+        """`jax.checkpoint` of the interpreted body, states in and predictions out."""
+        jaxpr = eqn.params["jaxpr"]
+        names = self.nodes.inside(jaxpr)
+
+        def body(args: list[Any], states: dict[str, Array]) -> tuple[list[Any], dict]:
+            inner = self.child(states)
+            return inner.run(jaxpr, (), args), inner.predictions
+
+        body = jax.checkpoint(
+            body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
+        )
+        outs, predictions = body(invals, self.states_of(names))
+        self.merge(predictions)
+        return outs
+
+    def scan(self, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+        """`lax.scan` of the interpreted body, stacked states as extra xs, predictions as ys."""
+        p = eqn.params
+        closed, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
+        names = self.nodes.inside(closed.jaxpr)
+        consts = invals[:n_consts]
+        init, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+
+        def body(carry: list[Any], step: tuple[list[Any], dict]) -> tuple[list[Any], Any]:
+            x, states = step
+            inner = self.child(states)
+            outs = inner.run(closed.jaxpr, closed.consts, [*consts, *carry, *x])
+            return outs[:n_carry], (outs[n_carry:], inner.predictions)
+
+        carry, (ys, predictions) = lax.scan(
+            body,
+            list(init),
+            (list(xs), self.states_of(names)),
+            length=p["length"],
+            reverse=p["reverse"],
+            unroll=p["unroll"],
+        )
+        self.merge(predictions)
+        return [*carry, *ys]
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry points.
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def _trace(fn: Callable[..., Any], args: tuple[Any, ...]):
+    """Trace `fn(*args)` on the array leaves of `args` (other leaves stay static)."""
+    leaves, treedef = jax.tree.flatten(args)
+    dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def flat_fn(*arrays: Any) -> Any:
+        full = list(leaves)
+        for i, a in zip(dynamic, arrays):
+            full[i] = a
+        return fn(*jax.tree.unflatten(treedef, full))
+
+    arrays = [leaves[i] for i in dynamic]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
+    return closed, jax.tree.structure(out_shape), arrays
+
+
+def _check_states(nodes: _Nodes, values: Mapping[str, Any], record_dtype: Any) -> dict:
+    """Unknown names, shapes and dtypes of the states; returns them as arrays."""
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"pcjax: `values` must map node names to states, got {type(values).__name__}."
+        )
+    unknown = sorted(set(values) - set(nodes.avals), key=str)
+    if unknown:
+        raise ValueError(
+            f"pcjax: unknown node(s) {unknown} in `values`; the function tags "
+            f"{sorted(nodes.avals)}."
+        )
+    states = {}
+    for name, state in values.items():
+        aval = nodes.avals[name]
+        dtype = aval.dtype
+        if record_dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+            dtype = jnp.dtype(record_dtype)
+        state = jnp.asarray(state)
+        if state.shape != aval.shape or state.dtype != dtype:
+            depth = nodes.scan_depth[name]
+            where = (
+                f" (the node is inside {depth} lax.scan(s): its state is stacked along "
+                f"{depth} leading axis(es) of the scan lengths {aval.shape[:depth]})"
+                if depth
+                else ""
+            )
+            raise ValueError(
+                f"pcjax: the state of node {name!r} has shape {state.shape} and dtype "
+                f"{state.dtype}, but its prediction has shape {aval.shape} and dtype "
+                f"{dtype}{where}; use the predictions of pcjax.forward_init as states."
+            )
+        states[name] = state
+    return states
+
+
+def _record_dtype(record_dtype: Any) -> Any:
+    """`record_dtype` as a dtype (or None), calling it first if it is a hook."""
+    if record_dtype is None:
+        return None
+    try:
+        return jnp.dtype(record_dtype)
+    except TypeError:
+        if not callable(record_dtype):
+            raise TypeError(
+                f"pcjax: `record_dtype` must be a dtype, a function returning one, or None; "
+                f"got {record_dtype!r}."
+            ) from None
+    chosen = record_dtype()
+    return None if chosen is None else jnp.dtype(chosen)
+
+
+def harvest(
+    fn: Callable[..., Any], *, record_dtype: Any | Callable[[], Any] = None
+) -> Callable[..., tuple[Any, dict[str, Array]]]:
+    """`fn` with its node states substituted and its node predictions returned.
+
+    `harvest(fn)(values, *args)` evaluates `fn(*args)`; each node tagged in it records its
+    tagged value (its prediction $\\mu$) and, if `values` holds a state $x$ for it, hands $x$ on
+    downstream instead of $\\mu$. It returns `(output, predictions)`, `predictions` mapping every
+    node name to its prediction. A node tagged in a `lax.scan` body has its state and prediction
+    stacked along a leading axis of the scan length; a node under `jax.vmap` is batched.
+
+    **Arguments:**
+
+    - `fn`: a function tagging its nodes with `tag(name, value)`.
+    - `record_dtype`: if given, floating-point predictions are recorded in this dtype, states
+      must have it, and each state is cast to the node's own dtype where it is used
+      (mixed precision). A function of no arguments is called after `fn` is traced (a hook
+      for wrappers that choose the dtype while `fn` runs); it may return None.
+
+    `values` may be `None` (no substitution). The returned function works under `jax.jit`,
+    `jax.grad` and `jax.vmap`. Array leaves of `args` are traced; other leaves are static.
+    """
+
+    def wrapped(values: Mapping[str, Any] | None, *args: Any) -> tuple[Any, dict[str, Array]]:
+        closed, out_tree, arrays = _trace(fn, args)
+        nodes = _Nodes(closed.jaxpr)
+        dtype = _record_dtype(record_dtype)
+        states = _check_states(nodes, {} if values is None else values, dtype)
+        harvester = _Harvester(nodes, states, dtype)
+        outs = harvester.run(closed.jaxpr, closed.consts, arrays)
+        predictions = {name: harvester.predictions[name] for name in nodes.avals}
+        return jax.tree.unflatten(out_tree, outs), predictions
+
+    return wrapped
+
+
+def tagged_nodes(
+    fn: Callable[..., Any],
+) -> Callable[..., tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Energy]]]:
+    """`tagged_nodes(fn)(*args)`: the nodes of `fn(*args)`, from a trace (nothing is computed).
+
+    **Returns:** every node's (stacked) shape and dtype, in program order, and the custom
+    energies of the nodes tagged with one.
+    """
+
+    def wrapped(*args: Any) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Energy]]:
+        closed, _, _ = _trace(fn, args)
+        nodes = _Nodes(closed.jaxpr)
+        return dict(nodes.avals), dict(nodes.energies)
+
+    return wrapped
