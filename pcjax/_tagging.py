@@ -87,6 +87,11 @@ class _Tape:
         return state if self.dtypes is None else jnp.asarray(state).astype(self.dtypes[0])
 
 
+NO_NODE = (
+    "pcjax: the function tagged no node; wrap intermediate values in "
+    "pcjax.node(name, value) to make them PC nodes."
+)
+
 _active_tape: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
     "pcjax_active_tape", default=None
 )
@@ -192,10 +197,7 @@ def run_tagged(
     finally:
         _active_tape.reset(token)
     if not predictions:
-        raise ValueError(
-            "pcjax: the function tagged no node; wrap intermediate values in "
-            "pcjax.node(name, value) to make them PC nodes."
-        )
+        raise ValueError(NO_NODE)
     return out, predictions
 
 
@@ -213,10 +215,7 @@ def _run_under_tape(
     finally:
         _active_tape.reset(token)
     if not tape.predictions:
-        raise ValueError(
-            "pcjax: the function tagged no node; wrap intermediate values in "
-            "pcjax.node(name, value) to make them PC nodes."
-        )
+        raise ValueError(NO_NODE)
     if values is not None:
         unknown = sorted(set(values) - set(tape.predictions))
         if unknown:
@@ -251,10 +250,7 @@ def node_energies(
     try:
         shapes, energies = tagged_nodes(fn)(params, x)
         if not shapes:
-            raise ValueError(
-                "pcjax: the function tagged no node; wrap intermediate values in "
-                "pcjax.node(name, value) to make them PC nodes."
-            )
+            raise ValueError(NO_NODE)
         jax.eval_shape(
             lambda: harvest(fn, record_dtype=lambda: _state_dtype(hook))(values, params, x)[1]
         )
