@@ -84,14 +84,14 @@ def tasks(seed):
 
 
 def loss_fn(model, x, y, metric):
-    out = model(x)
+    out = nn.call(model, x)
     if metric == "mse":
         return 0.5 * jnp.mean(jnp.sum((y - out) ** 2, -1))
     return optax.softmax_cross_entropy(out, y).mean()
 
 
 def evaluate(model, x, y, metric):
-    out = model(x)
+    out = nn.call(model, x)
     if metric == "mse":
         return float(jnp.mean(jnp.sum((y - out) ** 2, -1)))
     return float(jnp.mean(jnp.argmax(out, -1) == jnp.argmax(y, -1)))

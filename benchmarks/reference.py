@@ -5,6 +5,11 @@ the output, clamped to the target. The step: feedforward initialisation, T steps
 gradient descent in `lax.scan`, each node's error pulled back through its child's layer with
 one `jax.vjp` per layer, then the local parameter gradients at the relaxed states (divided by
 the batch size) and an optimizer update. No tagging and no energy function: the textbook loop.
+
+`layer_functions` writes the layers of a `pcjax.nn.MLP` / `pcjax.nn.VGG` on whole batches from
+their raw arrays (no `jax.vmap`): a dense layer is `h @ weight.T + bias` (`eqx.nn.Linear`'s
+weight is `(out, in)`), a convolution `lax.conv_general_dilated` on NHWC batches with the HWIO
+kernel of `pcjax.nn.Conv2d`.
 """
 
 from __future__ import annotations
@@ -66,29 +71,47 @@ def layered_reference_step(
     return eqx.apply_updates(model, updates), opt_state
 
 
+def batched(layer: Any, h: jax.Array) -> jax.Array:
+    """A per-sample equinox layer on a batch (leading axis)."""
+    return jax.vmap(layer)(h)
+
+
+def dense(layer: nn.Linear, h: jax.Array) -> jax.Array:
+    """An `eqx.nn.Linear` on a `(batch, in)` batch, from its raw arrays."""
+    return h @ layer.weight.T + layer.bias
+
+
+def conv(layer: nn.Conv2d, h: jax.Array) -> jax.Array:
+    """A `pcjax.nn.Conv2d` on an NHWC batch, from its raw arrays (HWIO kernel, 'SAME')."""
+    y = jax.lax.conv_general_dilated(
+        h, layer.weight, (layer.stride,) * 2, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y + layer.bias
+
+
 def layer_functions(model: eqx.Module):
     """`(fs, layers, rebuild)` of a `pcjax.nn.MLP` or `pcjax.nn.VGG`, for the reference step."""
     if isinstance(model, nn.MLP):
-        fs = [lambda layer, h: layer(h)]
-        fs += [lambda layer, h: layer(model.activation(h))] * (len(model.layers) - 1)
+        fs = [dense]
+        fs += [lambda layer, h: dense(layer, model.activation(h))] * (len(model.layers) - 1)
         return fs, list(model.layers), lambda m, g: eqx.tree_at(lambda m: m.layers, m, g)
 
-    def conv(i):
+    def conv_layer(i):
         def f(layer, parent):
             if i == 0:
-                return layer(parent)
+                return conv(layer, parent)
             h = jax.nn.relu(parent)
-            return layer(nn.max_pool(h) if i - 1 in model.pool_after else h)
+            return conv(layer, nn.max_pool(h) if i - 1 in model.pool_after else h)
 
         return f
 
     def first_dense(layer, parent):
         h = jax.nn.relu(parent)
         h = nn.max_pool(h) if len(model.convs) - 1 in model.pool_after else h
-        return layer(h.reshape(h.shape[0], -1))
+        return dense(layer, h.reshape(h.shape[0], -1))
 
-    fs = [conv(i) for i in range(len(model.convs))] + [first_dense]
-    fs += [lambda layer, h: layer(jax.nn.relu(h))] * (len(model.dense_layers) - 1)
+    fs = [conv_layer(i) for i in range(len(model.convs))] + [first_dense]
+    fs += [lambda layer, h: dense(layer, jax.nn.relu(h))] * (len(model.dense_layers) - 1)
     n_conv = len(model.convs)
 
     def rebuild(m, grads):

@@ -204,7 +204,7 @@ def step_for(algorithm: str, task: Task, output: str, optimizer) -> Callable:
     if algorithm == "backprop":
 
         def backprop(model, opt_state, x, y):
-            grads = jax.grad(lambda m: 0.5 * jnp.sum((y - m(x)) ** 2) / x.shape[0])(model)
+            grads = jax.grad(lambda m: 0.5 * jnp.sum((y - nn.call(m, x)) ** 2) / x.shape[0])(model)
             params = eqx.filter(model, eqx.is_inexact_array)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return eqx.apply_updates(model, updates), opt_state, jnp.asarray(False)
@@ -289,7 +289,7 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
 
 @functools.cache
 def _predictor():
-    return jax.jit(lambda m, x: jnp.argmax(m(x), -1))
+    return jax.jit(lambda m, x: jnp.argmax(nn.call(m, x), -1))
 
 
 def time_steps(task: Task, data, algorithms, repeats: int) -> dict[str, dict[str, Any]]:

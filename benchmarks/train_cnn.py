@@ -72,12 +72,12 @@ def main():
 
     @eqx.filter_jit
     def bp_step(model, opt_state, x, observed):
-        loss = lambda m: optax.softmax_cross_entropy(m(x), observed[output]).mean()  # noqa: E731
+        loss = lambda m: optax.softmax_cross_entropy(nn.call(m, x), observed[output]).mean()  # noqa: E731
         grads = eqx.filter_grad(loss)(model)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state, None
 
-    predict = eqx.filter_jit(lambda m, x: jnp.argmax(m(x), -1))
+    predict = eqx.filter_jit(lambda m, x: jnp.argmax(nn.call(m, x), -1))
 
     def accuracy(model):
         hits = sum(

@@ -55,11 +55,21 @@ def merge_nodes(states: Mapping[str, Array], observed: Mapping[str, Array] | Non
     return {**states, **observed}
 
 
-def batch_size(nodes: Mapping[str, Array]) -> int:
-    """The batch size: the leading axis that all (non-scalar) node values share; 1 if none."""
-    sizes = {name: jnp.shape(v)[0] for name, v in nodes.items() if jnp.ndim(v) >= 1}
+def batch_size(nodes: Mapping[str, Array], scan_depths: Mapping[str, int] | None = None) -> int:
+    """The batch size: the axis that all node values share after their stacked scan axes
+    (`scan_depths[name]` leading axes for a node inside `lax.scan`s; none by default); 1 if
+    no node has one."""
+    depths = scan_depths or {}
+    sizes = {
+        name: jnp.shape(v)[depths.get(name, 0)]
+        for name, v in nodes.items()
+        if jnp.ndim(v) > depths.get(name, 0)
+    }
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"pcjax: the nodes disagree on the batch size (leading axis): {sizes}.")
+        raise ValueError(
+            "pcjax: the nodes disagree on the batch size (the leading axis after any stacked "
+            f"scan axes): {sizes}."
+        )
     return next(iter(sizes.values()), 1)
 
 

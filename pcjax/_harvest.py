@@ -234,20 +234,33 @@ class _Harvester:
     stacking of any enclosing scan already sliced away.
     """
 
-    def __init__(self, nodes: _Nodes, states: Mapping[str, Array], record_dtype: Any):
+    def __init__(
+        self,
+        nodes: _Nodes,
+        states: Mapping[str, Array],
+        record_dtype: Any,
+        record: Mapping[str, Any] | None = None,
+    ):
         self.nodes = nodes
         self.states = states
         self.record_dtype = record_dtype
         self.predictions: dict[str, Array] = {}
+        # Dense layers whose inputs to record (`pcjax._dense`): node name -> site.
+        self.record = record or {}
+        self.inputs: dict[str, Array] = {}
 
     def child(self, states: Mapping[str, Array]) -> _Harvester:
-        return _Harvester(self.nodes, states, self.record_dtype)
+        return _Harvester(self.nodes, states, self.record_dtype, self.record)
 
     def states_of(self, names: frozenset[str]) -> dict[str, Array]:
         return {n: self.states[n] for n in sorted(names) if n in self.states}
 
-    def merge(self, predictions: Mapping[str, Array]) -> None:
-        self.predictions.update(predictions)
+    def results(self) -> tuple[dict[str, Array], dict[str, Array]]:
+        return self.predictions, self.inputs
+
+    def merge(self, results: tuple[Mapping[str, Array], Mapping[str, Array]]) -> None:
+        self.predictions.update(results[0])
+        self.inputs.update(results[1])
 
     def run(self, jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
         env: dict[core.Var, Any] = {}
@@ -259,6 +272,9 @@ class _Harvester:
         env.update(zip(jaxpr.invars, args))
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
+            if eqn.primitive is node_p and eqn.params["name"] in self.record:
+                site = self.record[eqn.params["name"]]
+                self.inputs[site.node] = jnp.moveaxis(read(site.inputs), site.input_axis, -1)
             with eqn.ctx.manager:
                 outvals = self.eqn(eqn, invals)
             env.update(zip(eqn.outvars, outvals))
@@ -300,13 +316,13 @@ class _Harvester:
 
         def body(args: list[Any], states: dict[str, Array]) -> tuple[list[Any], dict]:
             inner = self.child(states)
-            return inner.run(jaxpr, (), args), inner.predictions
+            return inner.run(jaxpr, (), args), inner.results()
 
         body = jax.checkpoint(
             body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
         )
-        outs, predictions = body(invals, self.states_of(names))
-        self.merge(predictions)
+        outs, results = body(invals, self.states_of(names))
+        self.merge(results)
         return outs
 
     def scan(self, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
@@ -321,9 +337,9 @@ class _Harvester:
             x, states = step
             inner = self.child(states)
             outs = inner.run(closed.jaxpr, closed.consts, [*consts, *carry, *x])
-            return outs[:n_carry], (outs[n_carry:], inner.predictions)
+            return outs[:n_carry], (outs[n_carry:], inner.results())
 
-        carry, (ys, predictions) = lax.scan(
+        carry, (ys, results) = lax.scan(
             body,
             list(init),
             (list(xs), self.states_of(names)),
@@ -331,7 +347,7 @@ class _Harvester:
             reverse=p["reverse"],
             unroll=p["unroll"],
         )
-        self.merge(predictions)
+        self.merge(results)
         return [*carry, *ys]
 
 
@@ -449,16 +465,23 @@ def harvest(
 
 def tagged_nodes(
     fn: Callable[..., Any],
-) -> Callable[..., tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Energy]]]:
+    values: Mapping[str, Any] | None = None,
+    *,
+    record_dtype: Any | Callable[[], Any] = None,
+) -> Callable[..., tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Energy], dict[str, int]]]:
     """`tagged_nodes(fn)(*args)`: the nodes of `fn(*args)`, from a trace (nothing is computed).
 
-    **Returns:** every node's (stacked) shape and dtype, in program order, and the custom
-    energies of the nodes tagged with one.
+    **Returns:** every node's (stacked) shape and dtype, in program order; the custom energies
+    of the nodes tagged with one; and every node's number of enclosing scans (its leading
+    stacked axes). Given `values` (and `record_dtype`, as for `harvest`), the states are
+    checked against the nodes as `harvest` checks them, in the same trace.
     """
 
-    def wrapped(*args: Any) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Energy]]:
+    def wrapped(*args: Any):
         closed, _, _ = _trace(fn, args)
         nodes = _Nodes(closed.jaxpr)
-        return dict(nodes.avals), dict(nodes.energies)
+        if values is not None:
+            _check_states(nodes, values, _record_dtype(record_dtype))
+        return dict(nodes.avals), dict(nodes.energies), dict(nodes.scan_depth)
 
     return wrapped

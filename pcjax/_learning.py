@@ -37,7 +37,7 @@ from ._inference import (
 )
 from ._natural import fisher_statistics, uses_fisher
 from ._nudging import nudged_grads
-from ._tagging import Nodes, forward_init, predictions
+from ._tagging import Nodes, forward_init, predictions, scan_depths
 
 Array = jax.Array
 
@@ -237,7 +237,7 @@ def train_step(
     feedforward = forward_init(fn, params, x)
     states = {k: v for k, v in feedforward.items() if k not in observed}
     _, checked = checked_values(fn, params, states, x, observed, precision)
-    scale = 1.0 / batch_size(observed) if mean_over_batch else 1.0
+    scale = 1.0 / batch_size(observed, scan_depths(fn, params, x)) if mean_over_batch else 1.0
 
     def apply(params, opt_state, grads, **extra_args):
         grads = jax.tree.map(lambda g: g * scale, grads)

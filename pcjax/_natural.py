@@ -17,7 +17,9 @@ Three modes of `natural_gradient`, with the statistics produced by `fisher_stati
 
 - `"diagonal"`: $G[W_{kj}] = A_{kk} P_{jj}$, a division per entry;
 - `"kronecker"`: $(G + \\lambda I)^{-1} g$ for $G = A \\otimes P$, solved exactly through the
-  eigendecompositions of $A$ and $P$ (layers built with `pcjax.dense`);
+  eigendecompositions of $A$ and $P$, for every dense layer tagged as a node (found in the
+  traced program, `pcjax._dense`: `pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`, under `vmap`,
+  in `lax.scan` bodies with shared or stacked weights);
 - `"matrix_free"`: any tagged function: $(G + \\lambda I) u = g$ solved by conjugate gradients
   with $G v = \\frac1B J^\\top P J v$ from `jax.linearize` and its transpose, over the parameters
   the predictions depend on (the others have a zero Fisher block and pass through).
@@ -35,24 +37,40 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._dense import dense_inputs, dense_sites
 from ._energy import CustomEnergy, Precision, batch_size, checked_values
 from ._precision import dense_matrix, weigh
 from ._sharding import _device_mean
-from ._tagging import DenseUse, _Tape, predictions, run_tagged
+from ._tagging import predictions, scan_depths
 
 Array = jax.Array
 MODES = ("diagonal", "kronecker", "matrix_free")
 
 
-class KroneckerFactors(NamedTuple):
-    """Fisher factors of one dense parameter: $G = A \\otimes P$.
+class KroneckerFactors(eqx.Module):
+    r"""Fisher factors of one dense parameter: $G = A \otimes P$.
 
-    `inputs` is $A = \\mathbb{E}[h h^\\top]$ (or its diagonal, `"diagonal"` mode; a 1 x 1 count of
+    `inputs` is $A = \mathbb{E}[h h^\top]$ (or its diagonal, `"diagonal"` mode; a 1 x 1 count of
     positions for a bias), `outputs` is the node's precision $P$ (or its diagonal).
+    `transposed`: the weight is stored `(out, in)` (as `eqx.nn.Linear` stores it) rather than
+    `(in, out)`. `stacked`: the number of leading axes along which the parameter is stacked (a
+    weight sliced per layer by `lax.scan`); both factors then carry these axes too, one factor
+    pair per slice.
     """
 
     inputs: Array
     outputs: Array
+    transposed: bool = eqx.field(static=True, default=False)
+    stacked: int = eqx.field(static=True, default=0)
+
+    def rows_cols(self) -> tuple[Array, Array]:
+        """The factors acting on the parameter's rows and columns (its last two axes; a bias
+        is one row)."""
+        return (self.outputs, self.inputs) if self.transposed else (self.inputs, self.outputs)
+
+    @property
+    def diagonal(self) -> bool:
+        return self.inputs.ndim - self.stacked == 1
 
 
 class FisherOperator(eqx.Module):
@@ -95,7 +113,7 @@ def fisher_statistics(
     """The statistics `natural_gradient(mode)` needs, at the given (relaxed) states.
 
     - `"diagonal"` / `"kronecker"`: a pytree with the structure of the floating-point leaves of
-      `params`, holding `KroneckerFactors` for the weights and biases of `pcjax.dense` layers
+      `params`, holding `KroneckerFactors` for the weights and biases of the dense layers
       and None elsewhere (those leaves are not preconditioned).
     - `"matrix_free"`: a `FisherOperator` for the whole tagged function.
 
@@ -120,7 +138,8 @@ def fisher_statistics(
         _, jvp = jax.linearize(predict, diff)
         vjp = jax.linear_transpose(jvp, diff)
         covered = tuple(_live_inputs(jax.make_jaxpr(jvp)(diff).jaxpr))
-        return FisherOperator(jvp, vjp, checked, batch_size(values), covered)
+        batch = batch_size(values, scan_depths(fn, params, x))
+        return FisherOperator(jvp, vjp, checked, batch, covered)
     return _kronecker_statistics(fn, params, values, x, checked, diagonal=mode == "diagonal")
 
 
@@ -128,88 +147,49 @@ def fisher_mask(fn: Callable[..., Any], params: Any, x: Any) -> Any:
     """Which parameters the `"diagonal"` and `"kronecker"` modes precondition.
 
     **Returns:** a pytree with the structure of the floating-point leaves of `params`
-    (`eqx.filter(params, eqx.is_inexact_array)`): True for the weights and biases of
-    `pcjax.dense` layers tagged as nodes, False elsewhere. Pass it as
-    `natural_gradient(..., mask=...)` to keep running factors for those leaves only. Found by an
-    abstract trace of `fn(params, x)`: no computation is run.
+    (`eqx.filter(params, eqx.is_inexact_array)`): True for the weights and biases of the dense
+    layers whose outputs are tagged as nodes (`pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`,
+    also under `jax.vmap` and in `lax.scan` bodies), False elsewhere. Pass it as
+    `natural_gradient(..., mask=...)` to keep running factors for those leaves only. Found from
+    a trace of `fn(params, x)`: no computation is run.
     """
-    found: list[Any] = []
-
-    def trace(diff, x):
-        params_traced = eqx.combine(diff, static)
-        leaves, treedef = jax.tree.flatten(eqx.filter(params_traced, eqx.is_inexact_array))
-        mask = [False] * len(leaves)
-        for _use, _node, indices in _dense_layers(fn, params_traced, x, None, leaves):
-            for index in indices:
-                if index is not None:
-                    mask[index] = True
-        found.append(jax.tree.unflatten(treedef, mask))
-
-    diff, static = eqx.partition(params, eqx.is_inexact_array)
-    eqx.filter_eval_shape(trace, diff, x)
-    return found[0]
-
-
-def _dense_layers(
-    fn: Callable[..., Any], params: Any, x: Any, values: Any, leaves: list[Array]
-) -> list[tuple[DenseUse, str, tuple[int | None, int | None]]]:
-    """Every `pcjax.dense` call of `fn`: its use, its node and the leaf indices of its weight
-    and bias among `leaves` (the floating-point leaves of `params`)."""
-    position = {id(leaf): i for i, leaf in enumerate(leaves)}
-    tape = _Tape(values, record_dense=True)
-    run_tagged(fn, params, x, values, tape)
-    layers = []
-    seen: set[int] = set()
-    for use in tape.dense:
-        node = tape.node_of.get(id(use.output))
-        if node is None:
-            raise ValueError(
-                "pcjax.fisher_statistics: a pcjax.dense output of shape "
-                f"{use.output.shape} is not tagged directly as a node; write "
-                "pcjax.node(name, pcjax.dense(h, w, b))."
-            )
-        indices = []
-        for array in (use.weight, use.bias):
-            if array is None:
-                indices.append(None)
-                continue
-            index = position.get(id(array))
-            if index is None:
-                raise ValueError(
-                    f"pcjax.fisher_statistics: the parameter of shape {array.shape} given to "
-                    f"pcjax.dense for node {node!r} is not a leaf of `params`; pass the "
-                    "parameter array itself, not a transformed copy."
-                )
-            if index in seen:
-                raise ValueError(
-                    f"pcjax.fisher_statistics: the parameter of shape {array.shape} is used by "
-                    "more than one pcjax.dense call; shared weights have no Kronecker factors "
-                    "here, use mode='matrix_free'."
-                )
-            seen.add(index)
-            indices.append(index)
-        layers.append((use, node, (indices[0], indices[1])))
-    return layers
+    leaves, treedef = jax.tree.flatten(eqx.filter(params, eqx.is_inexact_array))
+    mask = [False] * len(leaves)
+    for site in dense_sites(fn, params, x).values():
+        for origin in (site.weight, site.bias):
+            if origin is not None:
+                mask[origin.leaf] = True
+    return jax.tree.unflatten(treedef, mask)
 
 
 def _kronecker_statistics(fn, params, values, x, precision, *, diagonal: bool):
     leaves, treedef = jax.tree.flatten(eqx.filter(params, eqx.is_inexact_array))
     stats: list[KroneckerFactors | None] = [None] * len(leaves)
-    batch = batch_size(values)
-    for use, node, indices in _dense_layers(fn, params, x, values, leaves):
-        out_dim = use.weight.shape[1]
-        p = dense_matrix(precision.get(node), out_dim, use.output.dtype)
-        h = use.inputs.reshape(-1, use.inputs.shape[-1])
-        positions = h.shape[0] / batch  # > 1 when the layer is applied along a sequence, say
+    sites, inputs, depths = dense_inputs(fn, params, x, values)
+    batch = batch_size(values, depths)
+    for name, site in sites.items():
+        weight = leaves[site.weight.leaf]
+        dtype = weight.dtype
+        out_dim = weight.shape[-2] if site.transposed else weight.shape[-1]
+        p = dense_matrix(precision.get(name), out_dim, dtype)
+        # h stacked along the enclosing scans: keep the axes of the scans that slice the weight
+        # (one factor per slice), sum over the others and over every position.
+        kept = [axis for axis, sliced in enumerate(site.weight.sliced) if sliced]
+        h = jnp.moveaxis(inputs[name].astype(dtype), kept, range(len(kept)))
+        lead = h.shape[: len(kept)]
+        h = h.reshape(*lead, -1, h.shape[-1])
+        positions = h.shape[-2] / batch  # > 1 when the layer is applied along a sequence, say
         if diagonal:
-            factors = KroneckerFactors(jnp.sum(h * h, 0) / batch, jnp.diag(p))
-            bias = KroneckerFactors(jnp.full((1,), positions, p.dtype), jnp.diag(p))
+            a = jnp.sum(h * h, -2) / batch
+            p = jnp.broadcast_to(jnp.diag(p), (*lead, out_dim))
+            count = jnp.full((*lead, 1), positions, dtype)
         else:
-            factors = KroneckerFactors(h.T @ h / batch, p)
-            bias = KroneckerFactors(jnp.full((1, 1), positions, p.dtype), p)
-        for index, entry in zip(indices, (factors, bias)):
-            if index is not None:
-                stats[index] = entry
+            a = jnp.swapaxes(h, -1, -2) @ h / batch
+            p = jnp.broadcast_to(p, (*lead, out_dim, out_dim))
+            count = jnp.full((*lead, 1, 1), positions, dtype)
+        stats[site.weight.leaf] = KroneckerFactors(a, p, site.transposed, len(kept))
+        if site.bias is not None:
+            stats[site.bias.leaf] = KroneckerFactors(count, p, False, len(kept))
     return jax.tree.unflatten(treedef, stats)
 
 
@@ -298,54 +278,78 @@ def _is_stat(value: Any) -> bool:
 
 
 def _empty_factors(leaf: Array, diagonal: bool, path: str) -> KroneckerFactors:
-    """Zero factors for a dense weight `(in, out)` or bias `(out,)`."""
-    if leaf.ndim == 2:
-        d_in, d_out = leaf.shape
-    elif leaf.ndim == 1:
-        d_in, d_out = 1, leaf.shape[0]
-    else:
+    """Zero row and column factors for the last two axes of a weight (stacked along any leading
+    axes) or for a bias `(out,)`, as the optimizer state keeps them (`_canonical`)."""
+    if leaf.ndim == 0:
         raise ValueError(
-            f"pcjax.natural_gradient: `mask` marks {path}, which has shape "
-            f"{tuple(leaf.shape)}; only the 2-D weights and 1-D biases of pcjax.dense layers "
-            "have Kronecker factors."
+            f"pcjax.natural_gradient: `mask` marks {path}, which is a scalar; only the weights "
+            "and biases of dense layers have Kronecker factors."
         )
+    *lead, rows, cols = (1, *leaf.shape) if leaf.ndim == 1 else leaf.shape
     if diagonal:
-        return KroneckerFactors(jnp.zeros((d_in,), leaf.dtype), jnp.zeros((d_out,), leaf.dtype))
+        rows_factor = jnp.zeros((*lead, rows), leaf.dtype)
+        return KroneckerFactors(rows_factor, jnp.zeros((*lead, cols), leaf.dtype), False, len(lead))
     return KroneckerFactors(
-        jnp.zeros((d_in, d_in), leaf.dtype), jnp.zeros((d_out, d_out), leaf.dtype)
+        jnp.zeros((*lead, rows, rows), leaf.dtype),
+        jnp.zeros((*lead, cols, cols), leaf.dtype),
+        False,
+        len(lead),
     )
+
+
+def _canonical(factors: KroneckerFactors, ndim: int) -> KroneckerFactors:
+    """The factors acting on the rows and columns of the parameter's last two axes (a 1-D bias
+    is one row), the form the optimizer state keeps for a leaf of `ndim` axes.
+
+    A bias stacked along scans, `(*S, L, out)` with one `count` x `P` pair per slice, has the
+    same Fisher as the weight-shaped `(L, out)` pair `diag(counts) (x) P` per slice of `S`
+    (its `P` is the same on every slice).
+    """
+    rows, cols = factors.rows_cols()
+    stacked = factors.stacked
+    if ndim == 1 or ndim == stacked + 2:
+        return KroneckerFactors(rows, cols, False, stacked)
+    counts = rows[..., 0] if factors.diagonal else rows[..., 0, 0]
+    if factors.diagonal:
+        return KroneckerFactors(counts, cols[..., 0, :], False, stacked - 1)
+    eye = jnp.eye(counts.shape[-1], dtype=counts.dtype)
+    return KroneckerFactors(counts[..., :, None] * eye, cols[..., 0, :, :], False, stacked - 1)
 
 
 def _initial_inverse(factors: KroneckerFactors) -> tuple[Array, Array, Array, Array]:
     """The eigendecomposition of zero factors: zero eigenvalues, identity eigenvectors."""
-    d_in, d_out = factors.inputs.shape[0], factors.outputs.shape[0]
-    dtype = factors.inputs.dtype
+    rows, cols = factors.inputs, factors.outputs
+
+    def eye_like(matrix):
+        return jnp.broadcast_to(jnp.eye(matrix.shape[-1], dtype=matrix.dtype), matrix.shape)
+
     return (
-        jnp.zeros((d_in,), dtype),
-        jnp.eye(d_in, dtype=dtype),
-        jnp.zeros((d_out,), dtype),
-        jnp.eye(d_out, dtype=dtype),
+        jnp.zeros(rows.shape[:-1], rows.dtype),
+        eye_like(rows),
+        jnp.zeros(cols.shape[:-1], cols.dtype),
+        eye_like(cols),
     )
 
 
 def _eig(factors: KroneckerFactors) -> tuple[Array, Array, Array, Array]:
-    """Eigendecompositions of both Kronecker factors."""
-    ev_in, vec_in = jnp.linalg.eigh(factors.inputs)
-    ev_out, vec_out = jnp.linalg.eigh(factors.outputs)
-    return ev_in, vec_in, ev_out, vec_out
+    """Eigendecompositions of the row and column factors (batched over stacked axes)."""
+    ev_rows, vec_rows = jnp.linalg.eigh(factors.inputs)
+    ev_cols, vec_cols = jnp.linalg.eigh(factors.outputs)
+    return ev_rows, vec_rows, ev_cols, vec_cols
 
 
 def _kronecker_solve(grad: Array, inverse, damping: Array) -> Array:
-    """$(A \\otimes P + \\lambda I)^{-1} g$ through the eigenbases of A and P."""
-    ev_in, vec_in, ev_out, vec_out = inverse
-    matrix = grad.reshape(vec_in.shape[0], vec_out.shape[0])
-    rotated = vec_in.T @ matrix @ vec_out
-    rotated = rotated / (ev_in[:, None] * ev_out[None, :] + damping)
-    return (vec_in @ rotated @ vec_out.T).reshape(grad.shape)
+    r"""$(R \otimes C + \lambda I)^{-1} g$ through the eigenbases of the row and column factors
+    (per slice of a stacked parameter)."""
+    ev_rows, vec_rows, ev_cols, vec_cols = inverse
+    matrix = grad.reshape(*vec_rows.shape[:-1], vec_cols.shape[-1])
+    rotated = jnp.swapaxes(vec_rows, -1, -2) @ matrix @ vec_cols
+    rotated = rotated / (ev_rows[..., :, None] * ev_cols[..., None, :] + damping)
+    return (vec_rows @ rotated @ jnp.swapaxes(vec_cols, -1, -2)).reshape(grad.shape)
 
 
 def _diagonal_solve(grad: Array, factors: KroneckerFactors, damping: Array) -> Array:
-    curvature = factors.inputs[:, None] * factors.outputs[None, :]
+    curvature = factors.inputs[..., :, None] * factors.outputs[..., None, :]
     return (grad.reshape(curvature.shape) / (curvature + damping)).reshape(grad.shape)
 
 
@@ -365,8 +369,7 @@ def _check_fisher(fisher: Any, mode: str, name: str) -> None:
         return
     for factors in jax.tree.leaves(fisher, is_leaf=_is_stat):
         if isinstance(factors, KroneckerFactors):
-            want = 1 if mode == "diagonal" else 2
-            if factors.inputs.ndim != want:
+            if factors.diagonal != (mode == "diagonal"):
                 raise ValueError(
                     f"pcjax.{name}({mode!r}) got statistics of the other mode; pass "
                     f"fisher_statistics(..., mode={mode!r})."
@@ -468,11 +471,14 @@ def _per_leaf(updates: Any, tree: Any, what: str) -> list[Any]:
 
 
 def _check_shapes(path: str, grad: Array, factors: KroneckerFactors) -> None:
-    d_in, d_out = factors.inputs.shape[0], factors.outputs.shape[0]
-    if grad.size != d_in * d_out:
+    rows, cols = factors.rows_cols()
+    lead = rows.shape[: factors.stacked]
+    expected = (*lead, rows.shape[factors.stacked], cols.shape[factors.stacked])
+    if grad.size != np.prod(expected) or grad.shape[: factors.stacked] != lead:
         raise ValueError(
             f"pcjax.natural_gradient: the gradient of {path} has shape {tuple(grad.shape)} but "
-            f"its Fisher factors are {d_in} x {d_out}; pass the statistics of these parameters."
+            f"its Fisher factors are for {expected} (stacked axes, rows, columns); pass the "
+            "statistics of these parameters."
         )
 
 
@@ -496,7 +502,7 @@ def natural_gradient(
     **Arguments:**
 
     - `mode`: `"diagonal"`, `"kronecker"` or `"matrix_free"` (see the module docstring).
-      The first two precondition the weights and biases of `pcjax.dense` layers;
+      The first two precondition the weights and biases of dense layers (`fisher_mask`);
       `"matrix_free"` the parameters the predictions depend on. Other gradients (a learned
       precision's, say, whose Fisher block here is zero) pass through unchanged.
     - `damping`: $\\lambda > 0$, added to the Fisher; a number or a schedule, a function of the
@@ -558,6 +564,7 @@ def natural_gradient(
         for path, grad, stat in zip(paths, grads, stats):
             if stat is not None:
                 _check_shapes(path, grad, stat)
+        stats = [None if s is None else _canonical(s, g.ndim) for s, g in zip(stats, grads)]
         if stateful:
             factors, inverse = _running(
                 state, updates, paths, stats, diagonal, ema_decay, refresh_every
@@ -601,27 +608,34 @@ def _running(state, updates, paths, stats, diagonal, ema_decay, refresh_every):
                 f"pcjax.natural_gradient: Fisher statistics for {path} arrived but the "
                 "optimizer state has no factors for it (no state: `mask` leaves it out); "
                 "mark it True in `mask` (pcjax.fisher_mask(fn, params, x) marks every "
-                "pcjax.dense parameter)."
+                "dense-layer parameter)."
             )
         if stat is None and previous is not None:
             raise ValueError(
                 f"pcjax.natural_gradient: `mask` marks {path} but the Fisher statistics have "
-                "no statistics for it (it is not a pcjax.dense parameter of a tagged node); "
+                "no statistics for it (it is not a parameter of a dense layer tagged as a node); "
                 "mark it False."
             )
-        if stat is not None and jax.tree.map(jnp.shape, stat) != jax.tree.map(jnp.shape, previous):
+        if stat is not None and _layout(stat) != _layout(previous):
             raise ValueError(
-                f"pcjax.natural_gradient: the Fisher statistics of {path} have shapes "
-                f"{jax.tree.map(jnp.shape, stat)} but the optimizer state holds "
-                f"{jax.tree.map(jnp.shape, previous)}."
+                f"pcjax.natural_gradient: the Fisher statistics of {path} have (row factor, "
+                f"column factor, stacked axes) shapes {_layout(stat)} but the optimizer state "
+                f"holds {_layout(previous)}."
             )
     first = state.count == 0
 
     def average(new, previous):
         if new is None:
             return None
-        return jax.tree.map(
-            lambda n, o: jnp.where(first, n, ema_decay * o + (1 - ema_decay) * n), new, previous
+
+        def blend(n, o):
+            return jnp.where(first, n, ema_decay * o + (1 - ema_decay) * n)
+
+        return KroneckerFactors(
+            blend(new.inputs, previous.inputs),
+            blend(new.outputs, previous.outputs),
+            False,
+            new.stacked,
         )
 
     factors = [average(s, o) for s, o in zip(stats, old)]
@@ -631,6 +645,10 @@ def _running(state, updates, paths, stats, diagonal, ema_decay, refresh_every):
 
     inverse = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda: old_inverse)
     return factors, inverse
+
+
+def _layout(factors: KroneckerFactors) -> tuple:
+    return (factors.inputs.shape, factors.outputs.shape, factors.stacked)
 
 
 def _matrix_free_solve(updates, fisher, damping, cg_iters, cg_tol, axis_name):
@@ -720,7 +738,7 @@ def uses_fisher(opt_state: Any) -> bool:
 def precision_weighted_gradient() -> optax.GradientTransformationExtraArgs:
     """The literal "multiply the gradient by the precision" update, for comparison.
 
-    For a `pcjax.dense` layer predicting a node of precision $P$ it returns $g P$ (weights,
+    For a dense layer predicting a node of precision $P$ it returns $g P$ (weights,
     shape `(in, out)`) and $P g$ (bias): the gradient multiplied by the output factor of the
     Fisher rather than divided by it. It is *not* a natural gradient (see DESIGN notes and the
     module docstring); other gradients pass through. Takes `fisher` statistics of the
@@ -742,9 +760,13 @@ def precision_weighted_gradient() -> optax.GradientTransformationExtraArgs:
         def scale(grad, factors):
             if factors is None:
                 return grad
+            rows, cols = factors.rows_cols()
+            matrix = grad.reshape(*rows.shape[: factors.stacked + 1], cols.shape[factors.stacked])
             p = factors.outputs
-            matrix = grad.reshape(-1, p.shape[0])
-            weighted = matrix * p[None, :] if p.ndim == 1 else matrix @ p
+            if factors.transposed:  # P g: the precision acts on the rows
+                weighted = p[..., :, None] * matrix if factors.diagonal else p @ matrix
+            else:  # g P
+                weighted = matrix * p[..., None, :] if factors.diagonal else matrix @ p
             return weighted.reshape(grad.shape)
 
         return jax.tree.map(scale, updates, fisher, is_leaf=_is_stat), state

@@ -9,82 +9,32 @@ one call yields every node's prediction from its parents' *states*. Because the 
 the traced program, it survives `jax.vmap`, `lax.scan`, `jax.jit` (whatever the state of its
 cache) and `jax.checkpoint` inside the function.
 
-The Kronecker and diagonal Fisher statistics still record `pcjax.dense` layers with a tape (a
-`contextvars.ContextVar` active while the function is called directly), which sees the layers of
-functions without inner transformations only.
+`pcjax.dense` marks a dense layer for the Kronecker and diagonal Fisher statistics
+(`pcjax._dense`), which find such layers from the same traced program.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ._dense import mark_dense
 from ._harvest import harvest, tag, tagged_nodes
 
 Array = jax.Array
 Nodes = dict[str, Array]
 
 
-class _Tape:
-    """Records node predictions during one call of a tagged function.
+class _DtypeHook:
+    """Set by `pcjax.mixed_precision` while the function is traced: (compute dtype, state
+    dtype), so that predictions are recorded in the state dtype."""
 
-    `values` maps node names to the states substituted for them (`None`: substitute nothing,
-    every node keeps its feedforward value).
-    """
-
-    def __init__(self, values: Mapping[str, Array] | None, record_dense: bool = False):
-        self.values = values
-        self.predictions: Nodes = {}
-        # Only while Fisher statistics are gathered: every `dense` call, and which node
-        # each tagged value became (by object identity).
-        self.dense: list[DenseUse] | None = [] if record_dense else None
-        self.node_of: dict[int, str] = {}
-        # Nodes with a non-Gaussian energy (`pcjax.node(..., energy=f)`).
-        self.energies: dict[str, Callable[[Array, Array], Array]] = {}
-        # Set by `pcjax.mixed_precision`: (compute dtype, state dtype).
+    def __init__(self):
         self.dtypes: tuple[Any, Any] | None = None
-
-    def visit(self, name: str, value: Array, energy=None) -> Array:
-        if not isinstance(name, str):
-            raise TypeError(f"pcjax.node: the node name must be a str, got {name!r}.")
-        if name in self.predictions:
-            raise ValueError(
-                f"pcjax.node: node {name!r} is tagged twice in one call of the function; "
-                "every node needs a unique name (e.g. add the layer index)."
-            )
-        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-            raise TypeError(
-                f"pcjax.node: node {name!r} must tag one array, got {type(value).__name__}. "
-                "Tag each array of a pytree as its own node."
-            )
-        if energy is not None:
-            if not callable(energy):
-                raise TypeError(
-                    f"pcjax.node: the energy of node {name!r} must be a function "
-                    f"(state, prediction) -> scalar, got {type(energy).__name__}."
-                )
-            self.energies[name] = energy
-        if self.dense is not None:
-            self.node_of[id(value)] = name
-        value = jnp.asarray(value)
-        # Under `mixed_precision` the prediction is recorded (and the energy computed) in the
-        # state dtype, while the function downstream keeps computing in the compute dtype.
-        recorded = value if self.dtypes is None else value.astype(self.dtypes[1])
-        self.predictions[name] = recorded
-        if self.values is None or name not in self.values:
-            return value
-        state = self.values[name]
-        if jnp.shape(state) != value.shape:
-            raise ValueError(
-                f"pcjax: the state of node {name!r} has shape {jnp.shape(state)} but its "
-                f"prediction has shape {value.shape}; states must match the predictions "
-                "(use pcjax.forward_init to get correctly shaped states)."
-            )
-        return state if self.dtypes is None else jnp.asarray(state).astype(self.dtypes[0])
 
 
 NO_NODE = (
@@ -92,8 +42,8 @@ NO_NODE = (
     "pcjax.node(name, value) to make them PC nodes."
 )
 
-_active_tape: contextvars.ContextVar[_Tape | None] = contextvars.ContextVar(
-    "pcjax_active_tape", default=None
+_active_hook: contextvars.ContextVar[_DtypeHook | None] = contextvars.ContextVar(
+    "pcjax_active_hook", default=None
 )
 
 
@@ -131,29 +81,18 @@ def node(
     - a node inside `lax.while_loop`, `lax.cond` / `switch`, a `custom_jvp` / `custom_vjp`
       function or `shard_map` raises a `ValueError` naming the node and the construct.
     """
-    tape = _active_tape.get()
-    if tape is not None and tape.dense is not None:
-        return tape.visit(name, value, energy)
     return tag(name, value, energy=energy)
 
 
-class DenseUse(NamedTuple):
-    """One call of `pcjax.dense`: its input, parameters and output."""
-
-    inputs: Array
-    weight: Array
-    bias: Array | None
-    output: Array
-
-
 def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
-    r"""A dense layer `inputs @ weight + bias`, visible to pcjax's Fisher statistics.
+    r"""A dense layer `inputs @ weight + bias` that pcjax's Fisher statistics must find.
 
-    It computes exactly `inputs @ weight (+ bias)`. Used as the prediction of a node,
-    `pcjax.node(name, pcjax.dense(h, w, b))`, it lets the `"diagonal"` and `"kronecker"` modes
-    of `pcjax.natural_gradient` find the layer's input $h$ and node, whose Fisher is
-    $\mathbb{E}[h h^\top] \otimes P$. Pass the parameter arrays themselves (not
-    transformed copies), and tag the result directly.
+    It computes exactly `inputs @ weight (+ bias)`. The `"diagonal"` and `"kronecker"` modes
+    of `pcjax.natural_gradient` find dense layers tagged as nodes by themselves (`h @ w + b`,
+    `eqx.nn.Linear`, under `jax.vmap` and in `lax.scan` bodies, see `pcjax.fisher_mask`);
+    `pcjax.dense` additionally makes it an error if this layer is not found: its output is not
+    tagged directly, `pcjax.node(name, pcjax.dense(h, w, b))`, or its weight is not a
+    parameter leaf itself (a transformed copy). Its Fisher is $\mathbb{E}[h h^\top] \otimes P$.
 
     **Arguments:** `inputs` of shape `(..., in)`, `weight` of shape `(in, out)`, optional `bias`
     of shape `(out,)`.
@@ -168,61 +107,31 @@ def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
             f"pcjax.dense: `bias` has shape {jnp.shape(bias)}, expected {jnp.shape(weight)[1:]}."
         )
     output = inputs @ weight if bias is None else inputs @ weight + bias
-    tape = _active_tape.get()
-    if tape is not None and tape.dense is not None:
-        tape.dense.append(DenseUse(inputs, weight, bias, output))
-    return output
+    return mark_dense(output)
 
 
 def run_tagged(
-    fn: Callable[..., Any],
-    params: Any,
-    x: Any,
-    values: Mapping[str, Array] | None,
-    tape: _Tape | None = None,
+    fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None
 ) -> tuple[Any, Nodes]:
     """Call `fn(params, x)` with the node states in `values` substituted.
 
     Returns the function's output and the dict of every tagged node's prediction. Raises if
-    `values` names a node the function does not tag, or if it tags none. A `_Tape` that records
-    `pcjax.dense` layers (for the Fisher statistics) calls the function directly under the tape;
-    otherwise the function is traced and interpreted (`pcjax._harvest`).
+    `values` names a node the function does not tag, or if it tags none. The function is traced
+    and interpreted (`pcjax._harvest`).
     """
-    if tape is not None and tape.dense is not None:
-        return _run_under_tape(fn, params, x, values, tape)
-    hook = _Tape(values)  # only collects `mixed_precision`'s dtypes while `fn` is traced
-    token = _active_tape.set(hook)
+    hook = _DtypeHook()  # collects `mixed_precision`'s dtypes while `fn` is traced
+    token = _active_hook.set(hook)
     try:
         out, predictions = harvest(fn, record_dtype=lambda: _state_dtype(hook))(values, params, x)
     finally:
-        _active_tape.reset(token)
+        _active_hook.reset(token)
     if not predictions:
         raise ValueError(NO_NODE)
     return out, predictions
 
 
-def _state_dtype(tape: _Tape) -> Any:
-    return None if tape.dtypes is None else tape.dtypes[1]
-
-
-def _run_under_tape(
-    fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None, tape: _Tape
-) -> tuple[Any, Nodes]:
-    """The direct call under a recording tape (no inner transformations are seen through)."""
-    token = _active_tape.set(tape)
-    try:
-        out = fn(params, x)
-    finally:
-        _active_tape.reset(token)
-    if not tape.predictions:
-        raise ValueError(NO_NODE)
-    if values is not None:
-        unknown = sorted(set(values) - set(tape.predictions))
-        if unknown:
-            raise ValueError(
-                f"pcjax: unknown node(s) {unknown}; the function tags {sorted(tape.predictions)}."
-            )
-    return out, tape.predictions
+def _state_dtype(hook: _DtypeHook) -> Any:
+    return None if hook.dtypes is None else hook.dtypes[1]
 
 
 def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
@@ -245,18 +154,23 @@ def node_energies(
 
     Also validates `values` against the nodes (unknown names, shapes), as `run_tagged` does.
     """
-    hook = _Tape(values)
-    token = _active_tape.set(hook)
+    hook = _DtypeHook()
+    token = _active_hook.set(hook)
     try:
-        shapes, energies = tagged_nodes(fn)(params, x)
+        shapes, energies, _ = tagged_nodes(fn, values, record_dtype=lambda: _state_dtype(hook))(
+            params, x
+        )
         if not shapes:
             raise ValueError(NO_NODE)
-        jax.eval_shape(
-            lambda: harvest(fn, record_dtype=lambda: _state_dtype(hook))(values, params, x)[1]
-        )
     finally:
-        _active_tape.reset(token)
+        _active_hook.reset(token)
     return shapes, energies
+
+
+def scan_depths(fn: Callable[..., Any], params: Any, x: Any) -> dict[str, int]:
+    """For every node of `fn(params, x)`, the number of `lax.scan`s enclosing it: its state's
+    leading stacked axes, which come before the batch axis."""
+    return tagged_nodes(fn)(params, x)[2]
 
 
 def predictions(fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any) -> Nodes:
@@ -291,9 +205,9 @@ def mixed_precision(
         )
 
     def wrapped(params: Any, x: Any) -> Any:
-        tape = _active_tape.get()
-        if tape is not None:
-            tape.dtypes = (compute_dtype, state_dtype)
+        hook = _active_hook.get()
+        if hook is not None:
+            hook.dtypes = (compute_dtype, state_dtype)
         return fn(cast(params), cast(x))
 
     return wrapped

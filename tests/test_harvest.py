@@ -155,7 +155,7 @@ def _jitted_logits(x):
 def test_custom_energy_is_found_inside_a_warm_jit():
     x = jnp.ones((B, N_OUT))
     _jitted_logits(x)  # warm the cache: the function body will not run again
-    shapes, energies = tagged_nodes(lambda x: jnp.tanh(_jitted_logits(x)))(x)
+    shapes, energies, _ = tagged_nodes(lambda x: jnp.tanh(_jitted_logits(x)))(x)
     assert shapes == {"label": jax.ShapeDtypeStruct((B, N_OUT), jnp.float32)}
     assert energies == {"label": _cross_entropy}
 
@@ -303,6 +303,7 @@ def test_rnn_scan_stacked_states_energy_and_gradients(reverse):
             "y": jax.ShapeDtypeStruct((B, N_OUT), jnp.float64),
         },
         {},
+        {"h": 1, "y": 0},  # enclosing scans
     )
     errors = _compare(fn, _rnn_by_hand, params, states, xs, reverse=reverse)
     energy, predictions, grads = errors

@@ -85,10 +85,10 @@ def test_nudging_estimates_approach_backprop(energy):
     x = jax.random.normal(k2, (8, 4))
     if energy is None:
         y = jax.random.normal(k3, (8, 3))
-        loss = lambda m: 0.5 * jnp.sum((y - m(x)) ** 2)  # noqa: E731
+        loss = lambda m: 0.5 * jnp.sum((y - nn.call(m, x)) ** 2)  # noqa: E731
     else:
         y = jax.nn.one_hot(jax.random.randint(k3, (8,), 0, 3), 3)
-        loss = lambda m: optax.softmax_cross_entropy(m(x), y).sum()  # noqa: E731
+        loss = lambda m: optax.softmax_cross_entropy(nn.call(m, x), y).sum()  # noqa: E731
     reference = eqx.filter_grad(loss)(model)
     errors = {
         (nudging, beta): rel_error(nudged_gradient(model, x, y, nudging, beta), reference)
