@@ -71,11 +71,6 @@ def layered_reference_step(
     return eqx.apply_updates(model, updates), opt_state
 
 
-def batched(layer: Any, h: jax.Array) -> jax.Array:
-    """A per-sample equinox layer on a batch (leading axis)."""
-    return jax.vmap(layer)(h)
-
-
 def dense(layer: nn.Linear, h: jax.Array) -> jax.Array:
     """An `eqx.nn.Linear` on a `(batch, in)` batch, from its raw arrays."""
     return h @ layer.weight.T + layer.bias

@@ -33,7 +33,7 @@ from ._energy import (
     total_energy,
 )
 from ._precision import solve
-from ._tagging import Nodes, forward_init, predictions
+from ._tagging import Nodes, forward_init, predictions, scan_depths
 
 Array = jax.Array
 StateGradFn = Callable[[Nodes], tuple[Array, Nodes]]
@@ -164,19 +164,25 @@ def scan_unroll(steps: int, unroll: int | bool | None) -> int | bool:
     raise ValueError(f"pcjax: `unroll` must be None, a bool or a positive int, got {unroll!r}.")
 
 
-def per_sample_grad_norm(grads: Nodes) -> Array:
+def per_sample_grad_norm(grads: Nodes, sample_axes: Mapping[str, int] | None = None) -> Array:
     r"""The largest per-sample norm of the state gradient, $\max_n \|\partial F / \partial
-    x_{n}\|$ over the samples $n$ (the leading axis of every state; scalar states count as
-    shared by every sample).
+    x_{n}\|$ over the samples $n$: axis `sample_axes[name]` of each state (default 0; a node
+    stacked along scans has its sample axis after the stacked axes). Scalar states count as
+    shared by every sample.
 
     Each sample's states see only their own energy, so this stopping criterion does not depend
     on which other samples share the batch.
     """
-    batched = [g for g in jax.tree.leaves(grads) if jnp.ndim(g) >= 1]
-    shared = [g for g in jax.tree.leaves(grads) if jnp.ndim(g) == 0]
-    squares = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in batched)
-    squares = squares + sum(jnp.square(g) for g in shared)
-    return jnp.sqrt(jnp.max(squares))
+    axes = sample_axes or {}
+    squares, shared = 0.0, 0.0
+    for name, g in grads.items():
+        axis = axes.get(name, 0)
+        if jnp.ndim(g) > axis:
+            per_sample = jnp.moveaxis(g, axis, 0).reshape(g.shape[axis], -1)
+            squares = squares + jnp.sum(jnp.square(per_sample), axis=1)
+        else:
+            shared = shared + jnp.sum(jnp.square(g))
+    return jnp.sqrt(jnp.max(squares + shared))
 
 
 def relax(
@@ -189,12 +195,14 @@ def relax(
     record_energy: bool,
     unroll: int | bool | None = None,
     key: Array | None = None,
+    sample_axes: Mapping[str, int] | None = None,
 ) -> tuple[Nodes, Array, Array | None]:
     """Run the state optimizer on the energy.
 
     Returns the new states, the number of updates and the per-step energies (or None). With
     `tol`, stops once every sample's state gradient has a norm of at most `tol`
-    (`per_sample_grad_norm`; a `lax.while_loop`, which a NaN gradient stops too); otherwise
+    (`per_sample_grad_norm` over `sample_axes`; a `lax.while_loop`, which a NaN gradient stops
+    too); otherwise
     makes exactly `steps` updates (`lax.scan`, memory independent of `steps` unless energies
     are recorded; `unroll` as in `scan_unroll`). With a `key`, update `t` receives
     `key=fold_in(key, t)` as an extra argument (for `pcjax.langevin`).
@@ -229,7 +237,7 @@ def relax(
 
     def cond(carry):
         i, _, _, _, grads, _ = carry
-        return (i < steps) & (per_sample_grad_norm(grads) > tol)
+        return (i < steps) & (per_sample_grad_norm(grads, sample_axes) > tol)
 
     def while_body(carry):
         i, states, opt_state, value, grads, energies = carry
@@ -324,6 +332,7 @@ def infer(
         record_energy=record_energy,
         unroll=unroll,
         key=key,
+        sample_axes=None if tol is None else scan_depths(fn, params, x),
     )
     if fixed_predictions:
         final = grad_fn(states)[0]  # the FPA energy uses the frozen predictions

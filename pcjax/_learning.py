@@ -292,6 +292,7 @@ def train_step(
             record_energy=False,
             unroll=unroll,
             key=key,
+            sample_axes=None if tol is None else scan_depths(fn, params, x),
         )
         value, grads = _energy_grads(
             fn, params, {**states, **observed}, x, checked, fixed_predictions, precision

@@ -40,6 +40,7 @@ import optax
 
 from ._energy import CustomEnergy, Precision, current_spec, node_energy, node_term
 from ._inference import relax
+from ._tagging import scan_depths
 
 Array = jax.Array
 NUDGING = ("positive", "negative", "centred")
@@ -104,6 +105,7 @@ def nudged_grads(
             record_energy=False,
             unroll=unroll,
             key=key,
+            sample_axes=None if tol is None else scan_depths(fn, params, x),
         )
         return states, taken
 

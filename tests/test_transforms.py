@@ -14,6 +14,7 @@ from conftest import rel_error
 
 import pcjax as pc
 from pcjax import fisher_mask
+from pcjax._inference import per_sample_grad_norm
 
 
 class PerSampleMLP(eqx.Module):
@@ -452,3 +453,33 @@ def test_train_step_averages_over_the_batch_not_the_stacked_time_axis():
     )
     moved = jax.tree.map(lambda a, b: a - b, params, new)
     assert rel_error(moved, jax.tree.map(lambda g: g / 4, summed)) < 1e-7  # measured 1.0e-8
+
+
+def test_tol_takes_each_samples_norm_past_the_stacked_scan_axes():
+    """`infer(tol=...)` stops on the largest per-sample gradient norm; for a node stacked along
+    a scan the sample axis comes after the stacked axis (it used to take axis 0: a shape error
+    beside unstacked nodes, the max over layers otherwise)."""
+    k = jax.random.split(jax.random.PRNGKey(15), 4)
+    params = {
+        "stem": jax.random.normal(k[0], (3, 4)),
+        "w": jax.random.normal(k[1], (3, 4, 4)) / 2,
+        "b": jnp.zeros((3, 4)),
+    }
+    x = jax.random.normal(k[2], (5, 3))
+    y = jax.random.normal(k[3], (5, 4))
+
+    def observed_last(p, x):  # the last layer's output is observed through an extra node
+        return pc.node("out", scanned_stack(p, x))
+
+    ff = pc.forward_init(observed_last, params, x)
+    latent = {"stem": ff["stem"], "layer": ff["layer"]}
+    grads = jax.grad(lambda s: pc.energy(observed_last, params, s, x, {"out": y}))(latent)
+    by_hand = jnp.sqrt(
+        jnp.sum(grads["stem"] ** 2, axis=1) + jnp.sum(grads["layer"] ** 2, axis=(0, 2))
+    ).max()
+    norm = per_sample_grad_norm(grads, {"stem": 0, "layer": 1})
+    np.testing.assert_allclose(norm, by_hand, rtol=1e-6)
+    _, info = pc.infer(
+        observed_last, params, latent, x, {"out": y}, steps=500, step_size=0.2, tol=float(norm) / 10
+    )
+    assert 0 < int(info.steps) < 500
