@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 from jax.interpreters import ad, batching, mlir
 
@@ -82,7 +83,9 @@ class DenseSite(NamedTuple):
 
     `inputs` is the layer input $h$ (a variable of the jaxpr holding the node) with its feature
     axis `input_axis`; `weight` / `bias` the leaves' origins; `transposed`: the weight is stored
-    `(out, in)`; `depth`: the number of scans enclosing the node.
+    `(out, in)`; `depth`: the number of scans enclosing the node; `scale`, `bias_scale`: the
+    constant factors multiplying the layer's weight and bias terms in the prediction (a scaled
+    residual branch, say).
     """
 
     node: str
@@ -92,6 +95,8 @@ class DenseSite(NamedTuple):
     bias: Origin | None
     transposed: bool
     depth: int
+    scale: float = 1.0  # constant factors on the way: mu = scale * h W + bias_scale * b + ...
+    bias_scale: float = 1.0
 
 
 # Operations whose outputs are their inputs as far as the Fisher goes: a cast (mixed precision),
@@ -178,9 +183,10 @@ class _Search:
         self.node, self.producers, self.origins, self.depth = node, producers, origins, depth
         self.marks: list[int] = []  # every pcjax_dense mark seen
 
-    def find(self, var: Any, axis: int, bias: Origin | None, adds: int):
+    def find(self, var: Any, axis: int, bias: Origin | None, adds: int, scale=1.0, bias_scale=1.0):
         """`(site, marks on the path)` for the dense layer that `var` (with the node's feature
-        axis at `axis`) is, up to skip connections; None if it is not one."""
+        axis at `axis`, times the constant `scale`) is, up to skip connections; None if it is
+        not one."""
         marks: list[int] = []
         while isinstance(var, core.Var) and var in self.producers:
             eqn = self.producers[var]
@@ -194,28 +200,46 @@ class _Search:
                 if adds >= self.MAX_ADDS:
                     return None
                 for chain, other in (eqn.invars, eqn.invars[::-1]):
-                    found = self._add(eqn, chain, other, axis, bias, adds)
+                    found = self._add(eqn, chain, other, axis, bias, adds, scale, bias_scale)
                     if found is not None:
                         return found[0], marks + found[1]
                 return None
+            elif kind == "mul":
+                factor = _constant_scalar(eqn)
+                if factor is None:
+                    return None
+                var, value = factor
+                scale *= value
+                continue
             elif kind == "dot_general":
                 site = _dot_site(self.node, eqn, axis, bias, self.origins, self.depth)
-                return None if site is None else (site, marks)
+                if site is None:
+                    return None
+                return site._replace(scale=scale, bias_scale=bias_scale), marks
             elif kind not in _SAME_VALUE:
                 return None
             var = eqn.invars[0]
         return None
 
-    def _add(self, eqn, chain, other, axis, bias, adds):
+    def _add(self, eqn, chain, other, axis, bias, adds, scale, bias_scale):
         """`chain + other`: `other` is the bias, or a skip connection (any value: with the
         weight used once, it cannot depend on it)."""
         if bias is None:
             found = _bias_operand(eqn, other, axis, self.producers, self.origins)
             if found is not None:
-                return self.find(chain, axis, found, adds + 1)
-        if eqn.outvars[0].aval.shape != chain.aval.shape:
+                return self.find(chain, axis, found, adds + 1, scale, scale)
+        if not isinstance(chain, core.Var) or eqn.outvars[0].aval.shape != chain.aval.shape:
             return None  # the chain must carry the node's full shape
-        return self.find(chain, axis, bias, adds + 1)
+        return self.find(chain, axis, bias, adds + 1, scale, bias_scale)
+
+
+def _constant_scalar(eqn: core.JaxprEqn) -> tuple[core.Var, float] | None:
+    """`(other operand, c)` for `mul` by a scalar literal `c` (a Python number in the code)."""
+    for other, factor in (eqn.invars, eqn.invars[::-1]):
+        scalar = isinstance(factor, core.Literal) and np.ndim(factor.val) == 0
+        if scalar and isinstance(other, core.Var) and other.aval.shape == eqn.outvars[0].aval.shape:
+            return other, float(factor.val)
+    return None
 
 
 def _var(v: Any) -> Any:

@@ -175,10 +175,12 @@ def _kronecker_statistics(fn, params, values, x, precision, *, diagonal: bool):
         # h stacked along the enclosing scans: keep the axes of the scans that slice the weight
         # (one factor per slice), sum over the others and over every position.
         kept = [axis for axis, sliced in enumerate(site.weight.sliced) if sliced]
-        h = jnp.moveaxis(inputs[name].astype(dtype), kept, range(len(kept)))
+        # mu = scale * h W + ...: the Jacobian of a scaled layer is that of the layer on scale * h.
+        h = jnp.moveaxis(site.scale * inputs[name].astype(dtype), kept, range(len(kept)))
         lead = h.shape[: len(kept)]
         h = h.reshape(*lead, -1, h.shape[-1])
-        positions = h.shape[-2] / batch  # > 1 when the layer is applied along a sequence, say
+        # > 1 when the layer is applied along a sequence, say; times the squared bias factor.
+        positions = site.bias_scale**2 * h.shape[-2] / batch
         if diagonal:
             a = jnp.sum(h * h, -2) / batch
             p = jnp.broadcast_to(jnp.diag(p), (*lead, out_dim))

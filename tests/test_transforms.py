@@ -260,8 +260,38 @@ def recurrent_model(k):
     return model, lambda m, xs: m(xs), xs, predict, {".cell.weight", ".cell.bias"}
 
 
+def scaled_residual(params, x):
+    """Residual blocks with a constant branch scale (as muPC scales them), per-sample layers."""
+    h = pc.node("stem", jax.vmap(params["stem"])(x))
+    for i, layer in enumerate(params["blocks"]):
+        h = pc.node(f"block{i}", h + 0.5 * jax.vmap(layer)(jnp.tanh(h)))
+    return h
+
+
+def scaled_residual_model(k):
+    params = {
+        "stem": eqx.nn.Linear(3, 4, key=k[0]),
+        "blocks": [eqx.nn.Linear(4, 4, key=k[1]), eqx.nn.Linear(4, 4, key=k[2])],
+    }
+    x = jax.random.normal(k[3], (5, 3))
+
+    def predict(p, s):
+        mu = {"stem": jax.vmap(p["stem"])(x)}
+        before = s["stem"]
+        for i, layer in enumerate(p["blocks"]):
+            mu[f"block{i}"] = before + 0.5 * jax.vmap(layer)(jnp.tanh(before))
+            before = s[f"block{i}"]
+        return mu
+
+    found = {f"['{k}']{i}.{leaf}" for k, i in (("stem", ""), ("blocks", "[0]"), ("blocks", "[1]"))
+             for leaf in ("weight", "bias")}  # fmt: skip
+    return params, scaled_residual, x, predict, found
+
+
 @pytest.mark.x64
-@pytest.mark.parametrize("build", [vmapped_linear_model, scanned_stack_model, recurrent_model])
+@pytest.mark.parametrize(
+    "build", [vmapped_linear_model, scanned_stack_model, recurrent_model, scaled_residual_model]
+)
 def test_kronecker_natural_gradient_equals_dense_solve_through_transforms(build):
     keys = jax.random.split(jax.random.PRNGKey(7), 4)
     params, fn, x, predict, expected_found = build(keys)
@@ -297,7 +327,7 @@ def test_kronecker_natural_gradient_equals_dense_solve_through_transforms(build)
     )  # fmt: skip
     flags = {jax.tree_util.keystr(p): f for p, f in jax.tree_util.tree_flatten_with_path(found)[0]}
     expected = block_solve(blocks, grads, flags, 0.1)
-    assert rel_error(natural, expected) < 5e-14  # measured 6.5e-16, 6.2e-15, 8.5e-16
+    assert rel_error(natural, expected) < 5e-14  # measured 6.5e-16, 6.2e-15, 8.5e-16, 8.5e-16
 
 
 # ---------------------------------------------------------------- exactness: GRU, residual scan,
