@@ -522,8 +522,8 @@ def test_misuse_is_reported(layer):
     with pytest.raises(ValueError, match="`mask` is not used by 'matrix_free'"):
         pc.natural_gradient("matrix_free", mask={"w": True, "b": True})
 
-    def untagged(params, h):
-        return pc.node("v", pc.dense(h, params["w"], params["b"]) * 2.0)
+    def untagged(params, h):  # (a constant factor, `2.0 * pc.dense(...)`, is a scaled layer)
+        return pc.node("v", jnp.tanh(pc.dense(h, params["w"], params["b"])))
 
     with pytest.raises(ValueError, match="not tagged directly"):
         pc.fisher_statistics(untagged, params, {}, h, {"v": v})
