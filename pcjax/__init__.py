@@ -7,9 +7,10 @@ the network's free energy, relaxes its states and learns its parameters with pla
 from . import nn
 from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from ._energy import cross_entropy, energy, prediction_errors
-from ._inference import InferInfo, infer
+from ._inference import infer
 from ._langevin import LangevinState, langevin
-from ._learning import TrainInfo, param_grads, train_step
+from ._learning import param_grads, train_step
+from ._models import Context, fixed_predictions, preconditioned
 from ._natural import (
     FisherOperator,
     KroneckerFactors,
@@ -27,17 +28,25 @@ from ._precision import (
     error_moments,
     update_precision_ema,
 )
+from ._rules import Equilibrium, Incremental, Nudged, TrainInfo, guarded, make_train_step
 from ._sharding import cross_device_mean, data_mesh, replicate, shard_batch
+from ._solvers import ODE, GradientDescent, InferInfo
 from ._tagging import dense, forward_init, mixed_precision, node
 
 __all__ = [
+    "ODE",
+    "Context",
     "DiagonalPrecision",
+    "Equilibrium",
     "FisherOperator",
     "FullPrecision",
+    "GradientDescent",
+    "Incremental",
     "InferInfo",
     "KroneckerFactors",
     "LangevinState",
     "NaturalGradientState",
+    "Nudged",
     "Precision",
     "ScalarPrecision",
     "TrainInfo",
@@ -50,16 +59,20 @@ __all__ = [
     "error_moments",
     "fisher_mask",
     "fisher_statistics",
+    "fixed_predictions",
     "forward_init",
+    "guarded",
     "infer",
     "langevin",
     "load_checkpoint",
+    "make_train_step",
     "mixed_precision",
     "natural_gradient",
     "nn",
     "node",
     "param_grads",
     "precision_weighted_gradient",
+    "preconditioned",
     "prediction_errors",
     "replicate",
     "save_checkpoint",

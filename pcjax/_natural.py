@@ -268,11 +268,16 @@ def _check_replicated(stat_axes: frozenset, update_axes: frozenset, axis_name: s
 
 class NaturalGradientState(NamedTuple):
     """`count` of updates; running `factors` (EMA) and their cached `inverse` forms per leaf
-    (None without a `mask`, and for the leaves the mask leaves out)."""
+    (None without a `mask`, and for the leaves the mask leaves out); for `"matrix_free"`, the
+    conjugate-gradient iterations of the last update and the relative residual
+    $\\lVert (G + \\lambda I) u - g \rVert / \\lVert g \rVert$ they reached (its
+    convergence report; None in the other modes)."""
 
     count: Array
     factors: Any
     inverse: Any
+    cg_iterations: Array | None = None
+    cg_residual: Array | None = None
 
 
 def _is_stat(value: Any) -> bool:
@@ -355,12 +360,51 @@ def _diagonal_solve(grad: Array, factors: KroneckerFactors, damping: Array) -> A
     return (grad.reshape(curvature.shape) / (curvature + damping)).reshape(grad.shape)
 
 
+def context_statistics(context: Any, mode: str) -> Any:
+    """`fisher_statistics` of the given mode at the linearisation point of a training step's
+    `pcjax.Context`."""
+    states, observed = context.linearisation_point()
+    return fisher_statistics(
+        context.model.fn,
+        context.params,
+        states,
+        context.x,
+        observed,
+        precision=context.precision,
+        mode=mode,
+    )
+
+
+def with_statistics(optimizer: optax.GradientTransformation, mode: str) -> Any:
+    """`optimizer` handed `fisher=` statistics of `mode`, computed from the step's `context`
+    (how pcjax 0.1's `train_step(..., fisher=mode)` is built on the new API)."""
+    if mode not in MODES:
+        raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
+    optimizer = optax.with_extra_args_support(optimizer)
+
+    def update(updates, state, params=None, *, context=None, **extra_args):
+        if context is None:
+            raise ValueError("pcjax: Fisher statistics need the training step's `context`.")
+        fisher = context_statistics(context, mode)
+        return optimizer.update(updates, state, params, fisher=fisher, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(optimizer.init, update)
+
+
+def _statistics(fisher: Any, context: Any, mode: str, name: str) -> Any:
+    """The statistics to use: those passed, else those of the step's `context`."""
+    if fisher is None and context is not None:
+        fisher = context_statistics(context, mode)
+    _check_fisher(fisher, mode, name)
+    return fisher
+
+
 def _check_fisher(fisher: Any, mode: str, name: str) -> None:
     if fisher is None:
         raise ValueError(
-            f"pcjax.{name}: `fisher` statistics are missing; pass "
-            f"fisher=pcjax.fisher_statistics(..., mode={mode!r}) to update(), or use "
-            f"pcjax.train_step(..., fisher={mode!r})."
+            f"pcjax.{name}: no Fisher statistics: use it inside a pcjax.make_train_step "
+            "optimizer (which passes the step's `context`), or pass "
+            f"fisher=pcjax.fisher_statistics(..., mode={mode!r}) to update()."
         )
     if mode == "matrix_free":
         if not isinstance(fisher, FisherOperator):
@@ -539,6 +583,8 @@ def natural_gradient(
 
     def init(params):
         count = jnp.zeros((), jnp.int32)
+        if mode == "matrix_free":
+            return NaturalGradientState(count, None, None, count, jnp.zeros((), jnp.float32))
         if not stateful:
             return NaturalGradientState(count, None, None)
         trainable = eqx.filter(params, eqx.is_inexact_array)
@@ -550,13 +596,15 @@ def natural_gradient(
             count, jax.tree.unflatten(treedef, factors), jax.tree.unflatten(treedef, inverse)
         )
 
-    def update(updates, state, params=None, *, fisher=None, **extra_args):
+    def update(updates, state, params=None, *, fisher=None, context=None, **extra_args):
         del params, extra_args
-        _check_fisher(fisher, mode, "natural_gradient")
+        fisher = _statistics(fisher, context, mode, "natural_gradient")
         lam = damping(state.count) if callable(damping) else damping
         if mode == "matrix_free":
-            solution = _matrix_free_solve(updates, fisher, lam, cg_iters, cg_tol, axis_name)
-            return solution, NaturalGradientState(state.count + 1, None, None)
+            solution, iterations, residual = _matrix_free_solve(
+                updates, fisher, lam, cg_iters, cg_tol, axis_name
+            )
+            return solution, NaturalGradientState(state.count + 1, None, None, iterations, residual)
         if axis_name is not None:
             fisher = jax.lax.pmean(fisher, axis_name)  # mean of the shards' means
         _check_replicated(varying_axes(fisher), varying_axes(updates), axis_name)
@@ -665,7 +713,7 @@ def _matrix_free_solve(updates, fisher, damping, cg_iters, cg_tol, axis_name):
             "statistics for the parameters being updated."
         )
     if not any(covered):
-        return updates
+        return updates, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     own_axes = varying_axes(updates)
 
     def embed(sub: list[Array]) -> Any:
@@ -685,16 +733,18 @@ def _matrix_free_solve(updates, fisher, damping, cg_iters, cg_tol, axis_name):
         return [p + jnp.asarray(damping, s.dtype) * s for p, s in zip(products, sub)]
 
     sub = [g for g, c in zip(leaves, covered) if c]
-    solved = _conjugate_gradients(matvec, sub, cg_iters, cg_tol)
+    solved, iterations, residual = _conjugate_gradients(matvec, sub, cg_iters, cg_tol)
     parts = iter(solved)
-    return jax.tree.unflatten(treedef, [next(parts) if c else g for g, c in zip(leaves, covered)])
+    solution = [next(parts) if c else g for g, c in zip(leaves, covered)]
+    return jax.tree.unflatten(treedef, solution), iterations, residual.astype(jnp.float32)
 
 
 def _conjugate_gradients(
     matvec: Callable[[list[Array]], list[Array]], b: list[Array], maxiter: Any, tol: Any
-) -> list[Array]:
+) -> tuple[list[Array], Array, Array]:
     r"""Solve $M u = b$ for symmetric positive definite $M$, from $u_0 = 0$, until
-    $\lVert r \rVert \le \text{tol} \lVert b \rVert$ or `maxiter` iterations.
+    $\lVert r \rVert \le \text{tol} \lVert b \rVert$ or `maxiter` iterations; returns $u$,
+    the iterations made and the relative residual $\lVert r \rVert / \lVert b \rVert$.
 
     Written out (rather than `jax.scipy.sparse.linalg.cg`, whose `custom_linear_solve` marks the
     solution device-varying inside `shard_map` when `matvec` closes over device-varying
@@ -722,8 +772,10 @@ def _conjugate_gradients(
         return u, r, axpy(rr_new / rr, p, r), rr_new, k + 1
 
     zeros = [jnp.zeros_like(a) for a in b]
-    start = (zeros, b, b, dot(b, b), jnp.zeros((), jnp.int32))
-    return jax.lax.while_loop(condition, body, start)[0]
+    bb = dot(b, b)
+    start = (zeros, b, b, bb, jnp.zeros((), jnp.int32))
+    u, _, _, rr, k = jax.lax.while_loop(condition, body, start)
+    return u, k, jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0))
 
 
 class PrecisionWeightedState(NamedTuple):
@@ -751,8 +803,10 @@ def precision_weighted_gradient() -> optax.GradientTransformationExtraArgs:
         del params
         return PrecisionWeightedState()
 
-    def update(updates, state, params=None, *, fisher=None, **extra_args):
+    def update(updates, state, params=None, *, fisher=None, context=None, **extra_args):
         del params, extra_args
+        if fisher is None and context is not None:
+            fisher = context_statistics(context, "kronecker")
         if fisher is None or isinstance(fisher, FisherOperator):
             raise ValueError(
                 "pcjax.precision_weighted_gradient needs fisher_statistics(..., "

@@ -30,24 +30,23 @@ $\log\det$; for hidden precisions: 0).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 
 from ._energy import CustomEnergy, Precision, current_spec, node_energy, node_term
-from ._inference import relax
-from ._tagging import scan_depths
+from ._models import EnergyModel, Preconditioned, precondition_grads
+from ._solvers import AbstractSolver, InferInfo
 
 Array = jax.Array
-NUDGING = ("positive", "negative", "centred")
+MODES = ("positive", "negative", "centred")
 
 
-def nudged_grads(
-    fn: Callable[..., Any],
+def nudged_gradients(
+    model: EnergyModel,
     params: Any,
     x: Any,
     feedforward: Mapping[str, Array],
@@ -55,71 +54,83 @@ def nudged_grads(
     checked: Mapping[str, Any],
     learnable: Precision | None,
     *,
-    nudging: str,
-    beta: float,
-    steps: int,
-    optimizer: optax.GradientTransformation,
-    tol: float | None,
-    unroll: int | bool | None = None,
-    key: Array | None = None,
-) -> tuple[Array, Any, Array]:
-    """The nudged parameter-gradient estimate; returns `(energy, grads, inference steps)`.
+    mode: str,
+    beta: Any,
+    solver: AbstractSolver,
+    key: Array | None,
+    sample_axes: Mapping[str, int],
+) -> tuple[Any, InferInfo]:
+    """The nudged parameter-gradient estimate and the `InferInfo` of the nudged relaxation
+    (its `energy`: the network's own energy $F$ at the nudged states, without the nudge).
 
     `feedforward` holds the feedforward value of every node (the initial states, outputs
     included), `targets` the observed values of the output nodes, `checked` the checked node
     specs and `learnable` the `precision` argument (a function of the parameters for learned
-    precisions). The energy returned is the network's own energy $F$ at the nudged states.
+    precisions). `model` is the standard energy, possibly preconditioned.
     """
-    if nudging not in NUDGING:
-        raise ValueError(f"pcjax: `nudging` must be one of {NUDGING}, got {nudging!r}.")
-    if not beta > 0:
-        raise ValueError(f"pcjax: the nudging strength `nudge` must be positive, got {beta!r}.")
     diff, static = eqx.partition(params, eqx.is_inexact_array)
+
+    def internal_spec(spec):
+        # Free outputs have a Gaussian energy of their own (with their precision, if any);
+        # their declared energy scores the target. Hidden nodes keep their energies.
+        outputs = {
+            k: None if isinstance(spec.get(k), CustomEnergy) else spec.get(k) for k in targets
+        }
+        return {**spec, **outputs}
 
     def energies(diff: Any, states: Mapping[str, Array], sign: float) -> tuple[Array, Array]:
         r"""$F_{\text{sign} \cdot \beta}$ and $F$ at the given states and parameters."""
         params = eqx.combine(diff, static)
         spec = current_spec(learnable, params, checked)
-        # Free outputs have a Gaussian energy of their own (with their precision, if any);
-        # their declared energy scores the target. Hidden nodes keep their energies.
-        internal = {
-            **spec,
-            **{k: None if isinstance(spec.get(k), CustomEnergy) else spec.get(k) for k in targets},
-        }
-        own = node_energy(fn, params, states, x, internal)
+        own = node_energy(model.fn, params, states, x, internal_spec(spec))
         pull = sum(node_term(spec.get(k), y, states[k]) for k, y in targets.items())
         return own + sign * beta * pull, own
 
-    def grads_at(states: Mapping[str, Array], sign: float) -> tuple[Array, Any]:
-        r"""$G(\text{sign} \cdot \beta)$ at the given states, and $F$ there."""
-        (_, own), grads = jax.value_and_grad(energies, has_aux=True)(diff, states, sign)
-        return own, grads
+    def field(sign: float):
+        grad_fn = jax.value_and_grad(lambda s: energies(diff, s, sign)[0])
+        if not isinstance(model, Preconditioned):
+            return grad_fn
 
-    def relaxed(sign: float, key: Array | None) -> tuple[Mapping[str, Array], Array]:
-        states, taken, _ = relax(
-            jax.value_and_grad(lambda s: energies(diff, s, sign)[0]),
-            dict(feedforward),
-            steps=steps,
-            optimizer=optimizer,
-            tol=tol,
-            record_energy=False,
-            unroll=unroll,
-            key=key,
-            sample_axes=None if tol is None else scan_depths(fn, params, x),
+        def preconditioned(states):
+            value, grads = grad_fn(states)
+            return value, precondition_grads(internal_spec(checked), grads)
+
+        return preconditioned
+
+    def relaxed(sign: float, key: Array | None) -> tuple[Any, Any, InferInfo]:
+        r"""The nudged equilibrium, $G(\text{sign} \cdot \beta)$ there and the solver's report."""
+        states, steps, evaluations, energies_ = solver.run(
+            field(sign), dict(feedforward), key=key, sample_axes=sample_axes
         )
-        return states, taken
+        value, grads = field(sign)(states)
+        states, info = solver.report(
+            states, value, grads, steps, evaluations, energies_, sample_axes
+        )
+        (_, own), g = jax.value_and_grad(energies, has_aux=True)(diff, states, sign)
+        return g, own, info
 
-    plus_key, minus_key = (None, None) if key is None else tuple(jax.random.split(key))
-    if nudging == "centred":
-        plus, taken = relaxed(1.0, plus_key)
-        minus, taken_minus = relaxed(-1.0, minus_key)
-        value, g_plus = grads_at(plus, 1.0)
-        _, g_minus = grads_at(minus, -1.0)
+    first_key, second_key = (None, None) if key is None else tuple(jax.random.split(key))
+    if mode == "centred":
+        g_plus, own, info = relaxed(1.0, first_key)
+        g_minus, _, info_minus = relaxed(-1.0, second_key)
         grads = jax.tree.map(lambda a, b: (a - b) / (2 * beta), g_plus, g_minus)
-        return value, grads, jnp.maximum(taken, taken_minus)
-    sign = 1.0 if nudging == "positive" else -1.0
-    nudged, taken = relaxed(sign, plus_key)
-    value, g_nudged = grads_at(nudged, sign)
-    _, g_free = grads_at(feedforward, 0.0)
+        info = _combine(info, info_minus, own)
+        return grads, info
+    sign = 1.0 if mode == "positive" else -1.0
+    g_nudged, own, info = relaxed(sign, first_key)
+    g_free = jax.grad(lambda d: energies(d, feedforward, 0.0)[0])(diff)
     grads = jax.tree.map(lambda a, b: sign * (a - b) / beta, g_nudged, g_free)
-    return value, grads, taken
+    return grads, info._replace(energy=own, diverged=info.diverged | ~jnp.isfinite(own))
+
+
+def _combine(plus: InferInfo, minus: InferInfo, own: Array) -> InferInfo:
+    """One report for the two relaxations of the centred estimate."""
+    return InferInfo(
+        own,
+        plus.diverged | minus.diverged | ~jnp.isfinite(own),
+        jnp.maximum(plus.steps, minus.steps),
+        None,
+        jnp.maximum(plus.grad_norm, minus.grad_norm),
+        plus.converged & minus.converged,
+        plus.evaluations + minus.evaluations,
+    )

@@ -4,7 +4,7 @@ backprop.
     python -m pcjax.demo [--epochs N] [--data-dir DIR] [--checkpoint FILE]
 
 The network is an MLP whose pre-activations are PC nodes; the label node (one-hot) is clamped
-during training and the parameters learn from the relaxed states (`pcjax.train_step`). Test
+during training and the parameters learn from the relaxed states (`pcjax.make_train_step`). Test
 accuracy is measured by the feedforward pass, which is the network's equilibrium when the label
 node is free. Without MNIST on disk or a network, it falls back to the UCI handwritten digits
 bundled with scikit-learn (1,797 images of 8 x 8 pixels).
@@ -17,7 +17,6 @@ from it: a killed and resumed run ends with exactly the parameters of an uninter
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -203,15 +202,9 @@ def main(argv: Sequence[str] | None = None) -> float:
     optimizer = optax.adamw(
         optax.cosine_decay_schedule(args.lr, args.epochs * batches_per_epoch), weight_decay=1e-4
     )
+    inference = pc.GradientDescent(args.inference_steps, step_size=args.state_step_size)
     pc_step = jax.jit(
-        functools.partial(
-            pc.train_step,
-            mlp,
-            optimizer=optimizer,
-            steps=args.inference_steps,
-            step_size=args.state_step_size,
-        ),
-        donate_argnums=(0, 1),
+        pc.make_train_step(mlp, pc.Equilibrium(inference), optimizer), donate_argnums=(0, 1)
     )
     bp_step = jax.jit(backprop_step(optimizer), donate_argnums=(0, 1))
     init = init_mlp(jax.random.PRNGKey(args.seed), [x_train.shape[1], args.hidden, args.hidden, 10])

@@ -14,6 +14,9 @@ node holds logits); the default is the Gaussian energy. Dense layers are plain `
 layers whose outputs are tagged directly (`pcjax.node(name, linear(h))`), which the natural
 gradient's dense-layer detection finds under `jax.vmap` and `lax.scan`.
 
+Every builder takes `dtype=` for its parameters, as equinox's layers do (default: JAX's default
+float, float32 unless x64 is on); the parameters are drawn in that dtype.
+
 Builders (per-sample input shapes in brackets):
 
 - `MLP` (`(in,)`): dense layers, a node per layer output.
@@ -230,11 +233,14 @@ class MLP(eqx.Module):
         activation=jax.nn.gelu,
         prefix: str = "h",
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         if len(sizes) < 2:
             raise ValueError(f"pcjax.nn.MLP: `sizes` needs at least 2 entries, got {sizes}.")
         keys = jax.random.split(key, len(sizes) - 1)
-        self.layers = [Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)]
+        self.layers = [
+            Linear(a, b, key=k, dtype=dtype) for a, b, k in zip(sizes[:-1], sizes[1:], keys)
+        ]
         self.activation = activation
         self.prefix = prefix
         self.output_energy = output_energy
@@ -276,15 +282,19 @@ class VGG(eqx.Module):
         key: Array,
         pool_after: Sequence[int] | None = None,
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         pool_after = tuple(range(len(channels))) if pool_after is None else tuple(pool_after)
         keys = jax.random.split(key, len(channels) + len(hidden) + 1)
         widths = [in_channels, *channels]
-        self.convs = [Conv2d(a, b, key=k) for a, b, k in zip(widths[:-1], widths[1:], keys)]
+        self.convs = [
+            Conv2d(a, b, key=k, dtype=dtype) for a, b, k in zip(widths[:-1], widths[1:], keys)
+        ]
         side = image_size // (2 ** len(pool_after))
         sizes = [side * side * widths[-1], *hidden, out_features]
         self.dense_layers = [
-            Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys[len(channels) :])
+            Linear(a, b, key=k, dtype=dtype)
+            for a, b, k in zip(sizes[:-1], sizes[1:], keys[len(channels) :])
         ]
         self.pool_after = pool_after
         self.output_energy = output_energy
@@ -316,10 +326,10 @@ class ResidualBlock(eqx.Module):
     first: Linear
     second: Linear
 
-    def __init__(self, width: int, *, key: Array):
+    def __init__(self, width: int, *, key: Array, dtype: Any = None):
         k1, k2 = jax.random.split(key)
-        self.first = Linear(width, width, key=k1)
-        self.second = Linear(width, width, key=k2)
+        self.first = Linear(width, width, key=k1, dtype=dtype)
+        self.second = Linear(width, width, key=k2, dtype=dtype)
 
     def __call__(self, h: Array, scale: float, hidden_name: str, out_name: str) -> Array:
         hidden = node(hidden_name, self.first(jax.nn.relu(h)))
@@ -360,15 +370,16 @@ class ResNet(eqx.Module):
         branch_scale: float = 1.0,
         scan_layers: bool = False,
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         if depth < 1:
             raise ValueError(f"pcjax.nn.ResNet: `depth` must be at least 1, got {depth}.")
         k_stem, k_blocks, k_head = jax.random.split(key, 3)
-        self.stem = Linear(in_features, width, key=k_stem)
+        self.stem = Linear(in_features, width, key=k_stem, dtype=dtype)
         block_keys = jax.random.split(k_blocks, depth)
-        make = lambda k: ResidualBlock(width, key=k)  # noqa: E731
+        make = lambda k: ResidualBlock(width, key=k, dtype=dtype)  # noqa: E731
         self.blocks = _stack(make, block_keys) if scan_layers else [make(k) for k in block_keys]
-        self.head = Linear(width, out_features, key=k_head)
+        self.head = Linear(width, out_features, key=k_head, dtype=dtype)
         self.branch_scale = 1.0 / math.sqrt(width * depth) if mupc else branch_scale
         self.scan_layers = scan_layers
         self.output_energy = output_energy
@@ -445,13 +456,15 @@ class LSTM(eqx.Module):
         nodes: str = "layer",
         scan: bool = True,
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         self.nodes = _check_nodes(nodes)
         k1, k2, k3 = jax.random.split(key, 3)
-        cell = _recurrent_cell(eqx.nn.LSTMCell(in_features, hidden, key=k1), 4, k2)
+        dtype = _float_dtype(dtype)
+        cell = _recurrent_cell(eqx.nn.LSTMCell(in_features, hidden, key=k1, dtype=dtype), 4, k2)
         forget_gate = cell.bias.at[hidden : 2 * hidden].set(1.0)
         self.cell = eqx.tree_at(lambda c: c.bias, cell, forget_gate)
-        self.head = Linear(hidden, out_features, key=k3)
+        self.head = Linear(hidden, out_features, key=k3, dtype=dtype)
         self.scan = scan
         self.output_energy = output_energy
 
@@ -501,12 +514,14 @@ class GRU(eqx.Module):
         nodes: str = "layer",
         scan: bool = True,
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         self.nodes = _check_nodes(nodes)
         k1, k2, k3 = jax.random.split(key, 3)
-        cell = _recurrent_cell(eqx.nn.GRUCell(in_features, hidden, key=k1), 3, k2)
+        dtype = _float_dtype(dtype)
+        cell = _recurrent_cell(eqx.nn.GRUCell(in_features, hidden, key=k1, dtype=dtype), 3, k2)
         self.cell = eqx.tree_at(lambda c: c.bias_n, cell, jnp.zeros_like(cell.bias_n))
-        self.head = Linear(hidden, out_features, key=k3)
+        self.head = Linear(hidden, out_features, key=k3, dtype=dtype)
         self.scan = scan
         self.output_energy = output_energy
 
@@ -544,7 +559,9 @@ class _NoDropout(eqx.Module):
         return x
 
 
-def _attention_layer(d_model: int, heads: int, key: Array) -> eqx.nn.MultiheadAttention:
+def _attention_layer(
+    d_model: int, heads: int, key: Array, dtype: Any = None
+) -> eqx.nn.MultiheadAttention:
     """`eqx.nn.MultiheadAttention` with biased projections initialised like `Linear`."""
     keys = jax.random.split(key, 5)
     attention = eqx.nn.MultiheadAttention(
@@ -555,8 +572,9 @@ def _attention_layer(d_model: int, heads: int, key: Array) -> eqx.nn.MultiheadAt
         use_value_bias=True,
         use_output_bias=True,
         key=keys[0],
+        dtype=_float_dtype(dtype),
     )
-    projections = tuple(Linear(d_model, d_model, key=k) for k in keys[1:])
+    projections = tuple(Linear(d_model, d_model, key=k, dtype=dtype) for k in keys[1:])
     return eqx.tree_at(
         lambda a: (a.query_proj, a.key_proj, a.value_proj, a.output_proj, a.dropout),
         attention,
@@ -581,13 +599,13 @@ class TransformerLayer(eqx.Module):
     mlp_in: Linear
     mlp_out: Linear
 
-    def __init__(self, d_model: int, heads: int, mlp_hidden: int, *, key: Array):
+    def __init__(self, d_model: int, heads: int, mlp_hidden: int, *, key: Array, dtype: Any = None):
         k1, k2, k3 = jax.random.split(key, 3)
-        self.attention = _attention_layer(d_model, heads, k1)
-        self.norm1 = eqx.nn.LayerNorm(d_model)
-        self.norm2 = eqx.nn.LayerNorm(d_model)
-        self.mlp_in = Linear(d_model, mlp_hidden, key=k2)
-        self.mlp_out = Linear(mlp_hidden, d_model, key=k3)
+        self.attention = _attention_layer(d_model, heads, k1, dtype)
+        self.norm1 = eqx.nn.LayerNorm(d_model, dtype=_float_dtype(dtype))
+        self.norm2 = eqx.nn.LayerNorm(d_model, dtype=_float_dtype(dtype))
+        self.mlp_in = Linear(d_model, mlp_hidden, key=k2, dtype=dtype)
+        self.mlp_out = Linear(mlp_hidden, d_model, key=k3, dtype=dtype)
 
     def _attention_ops(self, x: Array, prefix: str) -> Array:
         """`self.attention(x, x, x)` written out, with q, k, v and the scores as nodes."""
@@ -648,12 +666,13 @@ class TransformerBlock(eqx.Module):
         key: Array,
         nodes: str = "layer",
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         _check_heads("TransformerBlock", d_model, heads)
         self.nodes = _check_nodes(nodes)
         k1, k2 = jax.random.split(key)
-        self.layer = TransformerLayer(d_model, heads, mlp_hidden, key=k1)
-        self.head = Linear(d_model, out_features, key=k2)
+        self.layer = TransformerLayer(d_model, heads, mlp_hidden, key=k1, dtype=dtype)
+        self.head = Linear(d_model, out_features, key=k2, dtype=dtype)
         self.output_energy = output_energy
 
     def __call__(self, x: Array) -> Array:
@@ -692,16 +711,17 @@ class Transformer(eqx.Module):
         nodes: str = "layer",
         scan_layers: bool = False,
         output_energy: Callable | None = None,
+        dtype: Any = None,
     ):
         _check_heads("Transformer", d_model, heads)
         if depth < 1:
             raise ValueError(f"pcjax.nn.Transformer: `depth` must be at least 1, got {depth}.")
         self.nodes = _check_nodes(nodes)
         k1, k2 = jax.random.split(key)
-        make = lambda k: TransformerLayer(d_model, heads, mlp_hidden, key=k)  # noqa: E731
+        make = lambda k: TransformerLayer(d_model, heads, mlp_hidden, key=k, dtype=dtype)  # noqa: E731
         keys = jax.random.split(k1, depth)
         self.layers = _stack(make, keys) if scan_layers else [make(k) for k in keys]
-        self.head = Linear(d_model, out_features, key=k2)
+        self.head = Linear(d_model, out_features, key=k2, dtype=dtype)
         self.scan_layers = scan_layers
         self.output_energy = output_energy
 

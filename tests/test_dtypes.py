@@ -77,3 +77,31 @@ def test_mixed_precision_state_dtype_is_configurable():
     np.testing.assert_allclose(
         states["h0"], pc.forward_init(nn.call, model, x)["h0"], rtol=1e-2, atol=1e-2
     )
+
+
+BUILDERS = {
+    "MLP": lambda dtype: nn.MLP([4, 8, 3], key=jax.random.PRNGKey(0), dtype=dtype),
+    "VGG": lambda dtype: nn.VGG(1, [4], [8], 3, 8, key=jax.random.PRNGKey(0), dtype=dtype),
+    "ResNet": lambda dtype: nn.ResNet(
+        4, 8, 2, 3, key=jax.random.PRNGKey(0), scan_layers=True, dtype=dtype
+    ),
+    "LSTM": lambda dtype: nn.LSTM(3, 5, 2, key=jax.random.PRNGKey(0), dtype=dtype),
+    "GRU": lambda dtype: nn.GRU(3, 5, 2, key=jax.random.PRNGKey(0), dtype=dtype),
+    "TransformerBlock": lambda dtype: nn.TransformerBlock(
+        8, 2, 16, 3, key=jax.random.PRNGKey(0), dtype=dtype
+    ),
+    "Transformer": lambda dtype: nn.Transformer(
+        8, 2, 16, 3, 2, key=jax.random.PRNGKey(0), scan_layers=True, dtype=dtype
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_builders_take_a_dtype_the_equinox_way(name):
+    """`dtype=` sets every parameter's dtype (drawn in it); the default is JAX's default float."""
+
+    def dtypes(model):
+        return {leaf.dtype for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))}
+
+    assert dtypes(BUILDERS[name](None)) == {jnp.dtype(jnp.float32)}
+    assert dtypes(BUILDERS[name](jnp.bfloat16)) == {jnp.dtype(jnp.bfloat16)}

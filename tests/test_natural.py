@@ -512,7 +512,7 @@ def test_misuse_is_reported(layer):
             fisher="kronecker",
         )
     transform = pc.natural_gradient("kronecker")
-    with pytest.raises(ValueError, match="statistics are missing"):
+    with pytest.raises(ValueError, match="no Fisher statistics"):
         transform.update(grads, transform.init(params), params)
     diagonal = layer_statistics(layer, mode="diagonal")
     with pytest.raises(ValueError, match="other mode"):

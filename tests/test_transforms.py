@@ -14,7 +14,7 @@ from conftest import rel_error
 
 import pcjax as pc
 from pcjax import fisher_mask
-from pcjax._inference import per_sample_grad_norm
+from pcjax._solvers import per_sample_grad_norm
 
 
 class PerSampleMLP(eqx.Module):

@@ -1,0 +1,254 @@
+r"""Energy transformations: what inference descends and what learning differentiates.
+
+A tagged forward function `fn(params, x)` defines the energy $F(x; \theta)$ (`pcjax.energy`).
+Everywhere pcjax takes `fn` it also takes a transformation of it:
+
+- `pcjax.fixed_predictions(fn)`: the fixed-prediction assumption (FPA). The predictions and their
+  Jacobians are frozen at the feedforward pass $\hat x$ of `fn(params, x)`: inference follows
+  $P_i e_i - \sum_c J_c(\hat x)^\top P_c e_c$ with $e = x - \mu(\hat x)$, and learning takes
+  $\partial F / \partial \theta = -\sum_i (\partial \mu_i(\hat x) / \partial \theta)^\top P_i
+  e_i$. At equilibrium its errors are exactly the backprop gradients of the output energy, on any
+  graph. The field is not the gradient of a scalar function.
+- `pcjax.preconditioned(model)`: "natural" inference, each node's state gradient multiplied by
+  the inverse of its own precision, $P_i^{-1} \partial F / \partial x_i$, so that its own error
+  relaxes at a rate independent of $P_i$. It changes the path, not the fixed points, and leaves
+  learning unchanged; it composes with either of the above.
+
+A plain function is the standard energy. Each object answers three questions for given
+parameters, input, observed nodes and node specs (checked precisions and custom energies):
+the state field `states -> (energy, dF/dstates)` inference integrates, the joint gradient
+learning takes at the relaxed states, and where the predictions are linearised (the point at
+which natural gradients take the Fisher information).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._energy import CustomEnergy, Precision, current_spec, node_energy, total_energy
+from ._precision import solve
+from ._tagging import Nodes, forward_init, predictions
+
+Array = jax.Array
+StateField = Callable[[Nodes], tuple[Array, Nodes]]
+
+
+class EnergyModel(eqx.Module):
+    """Base class of the energy transformations: the standard energy of `fn`."""
+
+    fn: Callable[..., Any] = eqx.field(static=True)
+
+    def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
+        """`states -> (energy, dF/dstates)` at fixed parameters."""
+        return jax.value_and_grad(
+            lambda states: node_energy(self.fn, params, {**states, **observed}, x, spec)
+        )
+
+    def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
+        """The energy at the given node values."""
+        return node_energy(self.fn, params, values, x, spec)
+
+    def gradients(
+        self,
+        params: Any,
+        states: Nodes,
+        observed: Nodes,
+        x: Any,
+        spec: Mapping[str, Any],
+        learnable: Precision | None,
+    ) -> tuple[Array, Any, Nodes]:
+        """`(energy, dF/dparams, dF/dstates)` in one backward pass; the parameter gradient has
+        the structure of `params` with None at leaves that are not floating-point arrays.
+        `learnable` (the `precision` argument) is re-read from the parameters when it is a
+        function of them, so that learned precisions get gradients."""
+        diff, static = eqx.partition(params, eqx.is_inexact_array)
+
+        def joint(diff, states):
+            params = eqx.combine(diff, static)
+            spec_now = current_spec(learnable, params, spec)
+            return node_energy(self.fn, params, {**states, **observed}, x, spec_now)
+
+        value, (param_grads, state_grads) = jax.value_and_grad(joint, (0, 1))(diff, states)
+        return value, param_grads, state_grads
+
+    def linearisation_point(self, params: Any, values: Nodes, x: Any) -> Nodes:
+        """The node values at which the predictions' parameter Jacobians are taken."""
+        del params, x
+        return values
+
+    @property
+    def base(self) -> EnergyModel:
+        return self
+
+
+class FixedPredictions(EnergyModel):
+    """The fixed-prediction assumption: predictions and Jacobians frozen at the feedforward
+    pass (see the module docstring). Made by `pcjax.fixed_predictions(fn)`."""
+
+    def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
+        feedforward = forward_init(self.fn, params, x)
+        frozen, vjp = jax.vjp(lambda v: predictions(self.fn, params, v, x), feedforward)
+
+        def value_and_grad(states: Nodes) -> tuple[Array, Nodes]:
+            # dF/dx_i = (own term)_i + sum_c J_c(x_hat)^T dF_c/dmu_c, with mu frozen at x_hat.
+            value, (own, cotangent) = jax.value_and_grad(
+                lambda v, mu: total_energy(v, mu, spec), (0, 1)
+            )({**states, **observed}, frozen)
+            (back,) = vjp(cotangent)
+            return value, {name: own[name] + back[name] for name in states}
+
+        return value_and_grad
+
+    def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
+        frozen = predictions(self.fn, params, forward_init(self.fn, params, x), x)
+        return total_energy(values, frozen, spec)
+
+    def gradients(self, params, states, observed, x, spec, learnable):
+        diff, static = eqx.partition(params, eqx.is_inexact_array)
+        feedforward = forward_init(self.fn, params, x)
+        # One linearisation at the feedforward pass serves the parameters and the states.
+        frozen, vjp = jax.vjp(
+            lambda d, v: predictions(self.fn, eqx.combine(d, static), v, x), diff, feedforward
+        )
+
+        def terms(values, mu, diff):  # learned precisions also enter the energy directly
+            return total_energy(
+                values, mu, current_spec(learnable, eqx.combine(diff, static), spec)
+            )
+
+        value, (own, cotangent, direct) = jax.value_and_grad(terms, (0, 1, 2))(
+            {**states, **observed}, frozen, diff
+        )
+        through_mu, back = vjp(cotangent)
+        param_grads = jax.tree.map(jnp.add, through_mu, direct)
+        return value, param_grads, {name: own[name] + back[name] for name in states}
+
+    def linearisation_point(self, params: Any, values: Nodes, x: Any) -> Nodes:
+        feedforward = forward_init(self.fn, params, x)
+        return {**feedforward, **{k: v for k, v in values.items() if k not in feedforward}}
+
+
+class Preconditioned(EnergyModel):
+    """Inference preconditioned by each node's inverse precision; learning as `model`'s. Made
+    by `pcjax.preconditioned(model)`."""
+
+    model: EnergyModel
+
+    def __init__(self, model: EnergyModel):
+        self.model = model
+        self.fn = model.fn
+
+    def field(self, params, x, observed, spec):
+        inner = self.model.field(params, x, observed, spec)
+
+        def value_and_grad(states: Nodes) -> tuple[Array, Nodes]:
+            value, grads = inner(states)
+            return value, precondition_grads(spec, grads)
+
+        return value_and_grad
+
+    def energy(self, params, values, x, spec):
+        return self.model.energy(params, values, x, spec)
+
+    def gradients(self, params, states, observed, x, spec, learnable):
+        value, param_grads, state_grads = self.model.gradients(
+            params, states, observed, x, spec, learnable
+        )
+        return (
+            value,
+            param_grads,
+            precondition_grads(current_spec(learnable, params, spec), state_grads),
+        )
+
+    def linearisation_point(self, params, values, x):
+        return self.model.linearisation_point(params, values, x)
+
+    @property
+    def base(self) -> EnergyModel:
+        return self.model.base
+
+
+def precondition_grads(spec: Mapping[str, Any], grads: Nodes) -> Nodes:
+    r"""$P_i^{-1} \partial F / \partial x_i$ for every node with a precision; nodes with a
+    custom energy (no precision) and unit-precision nodes keep their gradient."""
+    return {
+        k: solve(spec[k], g)
+        if spec.get(k) is not None and not isinstance(spec[k], CustomEnergy)
+        else g
+        for k, g in grads.items()
+    }
+
+
+def as_model(fn: Any, where: str = "pcjax") -> EnergyModel:
+    """`fn` as an energy model: energy transformations pass through, functions get the
+    standard energy."""
+    if isinstance(fn, EnergyModel):
+        return fn
+    if not callable(fn):
+        raise TypeError(
+            f"{where}: the network must be a tagged forward function fn(params, x) or an energy "
+            f"transformation of one (pcjax.fixed_predictions(fn), ...), got {type(fn).__name__}."
+        )
+    return EnergyModel(fn)
+
+
+def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:
+    r"""The fixed-prediction assumption (FPA) as a transformation of the energy of `fn`.
+
+    Inference and learning use the predictions $\mu(\hat x)$ and Jacobians of the feedforward
+    pass $\hat x$: the state field is $P_i e_i - \sum_c J_c(\hat x)^\top P_c e_c$ with
+    $e = x - \mu(\hat x)$. With the states initialised by the feedforward pass, gradient descent
+    with step size 1 and at least as many steps as the graph is deep, the errors equal the
+    backprop gradients of the output energy exactly (Millidge et al. 2022; Rosenbaum 2022).
+    Pass the result wherever a tagged function goes: `pcjax.infer`, `pcjax.energy`,
+    `pcjax.param_grads`, `pcjax.make_train_step`.
+    """
+    model = as_model(fn, "pcjax.fixed_predictions")
+    if isinstance(model, Preconditioned):
+        return Preconditioned(fixed_predictions(model.model))  # type: ignore[return-value]
+    return FixedPredictions(model.fn)
+
+
+def preconditioned(fn: Callable[..., Any] | EnergyModel) -> Preconditioned:
+    r"""Inference preconditioned by the nodes' own precisions:
+    $\dot x_i = -P_i^{-1} \partial F / \partial x_i$.
+
+    The fixed points (and so the relaxed states and the learning signal) are those of `fn`'s
+    energy, standard or `pcjax.fixed_predictions`; only the path to them changes: each node's
+    own error term relaxes at a rate independent of its precision. Nodes without a precision
+    module or array keep their gradient.
+    """
+    model = as_model(fn, "pcjax.preconditioned")
+    if isinstance(model, Preconditioned):
+        raise ValueError("pcjax.preconditioned: the model is already preconditioned.")
+    return Preconditioned(model)
+
+
+class Context(NamedTuple):
+    """What a training step hands its optimizer, as the optax extra argument `context`.
+
+    `pcjax.natural_gradient` and `pcjax.precision_weighted_gradient` compute their statistics
+    from it, at `linearisation_point()`: the relaxed states (standard PC), the feedforward pass
+    (`pcjax.fixed_predictions`; nudging, whose gradient estimates that of the loss at the free
+    equilibrium), or the current states of an incremental step. Other transforms ignore it.
+    """
+
+    model: EnergyModel
+    params: Any
+    states: Nodes
+    x: Any
+    observed: Nodes
+    precision: Precision | None
+
+    def linearisation_point(self) -> tuple[Nodes, Nodes]:
+        """`(free states, observed values)` where the predictions are linearised."""
+        values = self.model.linearisation_point(
+            self.params, {**self.states, **self.observed}, self.x
+        )
+        free = {k: v for k, v in values.items() if k not in self.observed}
+        return free, self.observed

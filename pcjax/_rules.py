@@ -1,0 +1,403 @@
+r"""Learning rules and the training step that composes them.
+
+A training step is a composition (DESIGN.md §6): an energy (`fn`, or a transformation of it:
+`pcjax.fixed_predictions`, `pcjax.preconditioned`), a learning rule that relaxes the states and
+produces the parameter gradient, and an optax optimizer that turns it into an update:
+
+```python
+step = pcjax.make_train_step(fn, pcjax.Equilibrium(pcjax.GradientDescent(20)), optax.adam(1e-3))
+params, opt_state, info = step(params, opt_state, x, observed)
+```
+
+Rules:
+
+- `Equilibrium(solver)`: relax the free states from the feedforward pass with `solver`, then
+  take $\partial F / \partial \theta$ at the relaxed states (standard PC; FPA with
+  `fixed_predictions`).
+- `Nudged(solver, beta, mode)`: leave the outputs free and pull them towards their targets with
+  strength $\beta$ (equilibrium propagation; `pcjax._nudging` for the three estimates).
+- `Incremental(steps, optimizer)`: incremental PC (iPC; Salvatori et al. 2024): states and
+  parameters descend the energy together, one joint backward pass and one parameter update per
+  step.
+
+The optimizer receives the extra argument `context` (a `pcjax.Context`) when it takes extra
+arguments (any `optax.chain`, `optax.inject_hyperparams`, ...): `pcjax.natural_gradient`
+computes its Fisher statistics from it; other transforms ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._energy import Precision, batch_size, checked_values
+from ._models import Context, EnergyModel, FixedPredictions, as_model
+from ._nudging import MODES, nudged_gradients
+from ._solvers import (
+    DIVERGED_MESSAGE,
+    AbstractSolver,
+    InferInfo,
+    check_steps,
+    per_sample_grad_norm,
+    real,
+    scan_unroll,
+)
+from ._tagging import Nodes, forward_init, scan_depths
+
+Array = jax.Array
+#: `apply(params, opt_state, grads, states) -> (params, opt_state)`: the optimizer update.
+Apply = Callable[[Any, Any, Any, Nodes], tuple[Any, Any]]
+
+
+class TrainInfo(NamedTuple):
+    """What a training step reports.
+
+    - `energy`: the energy at the relaxed states, before the parameter update (iPC: at the
+      last joint step, before its update; nudging: the network's own energy, without the
+      nudge, at the nudged states).
+    - `diverged`: True if that energy or the state gradient there is non-finite; under
+      `pcjax.guarded` also if the update produced a non-finite parameter or optimizer state
+      (the update was then not applied).
+    - `inference_steps`: state updates (or accepted ODE steps) made.
+    - `grad_norm`, `converged`, `evaluations`: as in `pcjax.InferInfo` (iPC: the state
+      gradient of its last step; centred nudging: the larger norm of its two relaxations and
+      the evaluations of both).
+    """
+
+    energy: Array
+    diverged: Array
+    inference_steps: Array
+    grad_norm: Array | None = None
+    converged: Array | None = None
+    evaluations: Array | None = None
+
+
+class Problem(NamedTuple):
+    """One training step's network, data and checked node specs (internal)."""
+
+    model: EnergyModel
+    x: Any
+    observed: Nodes
+    spec: dict
+    precision: Precision | None
+    sample_axes: dict
+    feedforward: Nodes
+
+    def free(self, values: Nodes) -> Nodes:
+        return {k: v for k, v in values.items() if k not in self.observed}
+
+
+class AbstractRule(eqx.Module):
+    """A learning rule: `train(problem, params, opt_state, apply, key)` returns the updated
+    parameters and optimizer state and an `InferInfo` whose `energy` is the step's energy."""
+
+    def check(self, model: EnergyModel) -> None:
+        """Raise if this rule cannot learn with `model` (called at construction)."""
+
+    def train(
+        self, problem: Problem, params: Any, opt_state: Any, apply: Apply, key: Array | None
+    ) -> tuple[Any, Any, InferInfo]:
+        raise NotImplementedError
+
+
+def _check_solver(solver: Any, rule: str) -> AbstractSolver:
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"pcjax.{rule}: `solver` must be a pcjax solver (pcjax.GradientDescent(steps), "
+            f"pcjax.ODE()), got {type(solver).__name__}."
+        )
+    return solver
+
+
+class Equilibrium(AbstractRule):
+    r"""Learn at the relaxed states: relax with `solver` from the feedforward pass, then
+    $\partial F / \partial \theta$ there (standard PC; the fixed-prediction gradient when the
+    network is `pcjax.fixed_predictions(fn)`)."""
+
+    solver: AbstractSolver
+
+    def __init__(self, solver: AbstractSolver):
+        self.solver = _check_solver(solver, "Equilibrium")
+
+    def train(self, problem, params, opt_state, apply, key):
+        model, observed = problem.model, problem.observed
+        field = model.field(params, problem.x, observed, problem.spec)
+        start = problem.free(problem.feedforward)
+        states, steps, evaluations, energies = self.solver.run(
+            field, start, key=key, sample_axes=problem.sample_axes
+        )
+        value, param_grads, state_grads = model.gradients(
+            params, states, observed, problem.x, problem.spec, problem.precision
+        )
+        states, info = self.solver.report(
+            states, value, state_grads, steps, evaluations, energies, problem.sample_axes
+        )
+        params, opt_state = apply(params, opt_state, param_grads, states)
+        return params, opt_state, info
+
+
+class Nudged(AbstractRule):
+    r"""Output nudging (equilibrium propagation, the PCX benchmark's PC): the observed output
+    nodes stay free, pulled towards their targets with strength `beta`.
+
+    `mode`: `"positive"` $(G(\beta) - G(0))/\beta$, `"negative"` $(G(0) - G(-\beta))/\beta$ or
+    `"centred"` $(G(\beta) - G(-\beta))/2\beta$ (bias $O(\beta^2)$), with
+    $G(\beta) = \partial_\theta F_\beta$ at the nudged equilibrium; all tend to the gradient of
+    the output loss at the free equilibrium as $\beta \to 0$ (`pcjax._nudging`).
+    Needs an energy (standard, or preconditioned): the fixed-prediction field is not a
+    gradient, so `pcjax.fixed_predictions` is refused.
+    """
+
+    solver: AbstractSolver
+    beta: Any
+    mode: str = eqx.field(static=True)
+
+    def __init__(self, solver: AbstractSolver, beta: Any = 0.1, mode: str = "centred"):
+        self.solver = _check_solver(solver, "Nudged")
+        if mode not in MODES:
+            raise ValueError(f"pcjax.Nudged: `mode` must be one of {MODES}, got {mode!r}.")
+        if not isinstance(beta, jax.core.Tracer) and not real(beta) > 0:
+            raise ValueError(f"pcjax.Nudged: `beta` must be a positive number, got {beta!r}.")
+        self.beta, self.mode = beta, mode
+
+    def check(self, model):
+        if isinstance(model.base, FixedPredictions):
+            raise ValueError(
+                "pcjax.Nudged: nudging estimates the gradient of the loss at the equilibrium of "
+                "an energy, and the fixed-prediction field is not the gradient of one; use "
+                "pcjax.Equilibrium with pcjax.fixed_predictions, or nudge the standard energy."
+            )
+
+    def train(self, problem, params, opt_state, apply, key):
+        if not problem.observed:
+            raise ValueError("pcjax.Nudged: nudging needs observed (target) nodes.")
+        grads, info = nudged_gradients(
+            problem.model,
+            params,
+            problem.x,
+            problem.feedforward,
+            problem.observed,
+            problem.spec,
+            problem.precision,
+            mode=self.mode,
+            beta=self.beta,
+            solver=self.solver,
+            key=key,
+            sample_axes=problem.sample_axes,
+        )
+        # The estimate is the gradient at the free equilibrium: the feedforward pass.
+        params, opt_state = apply(params, opt_state, grads, problem.free(problem.feedforward))
+        return params, opt_state, info
+
+
+class Incremental(AbstractRule):
+    r"""Incremental PC (iPC; Salvatori et al. 2024, "A stable, fast, and fully automatic
+    learning algorithm for predictive coding networks").
+
+    For `steps` steps from the feedforward pass: one backward pass gives
+    $\partial F / \partial x$ and $\partial F / \partial \theta$ at the current states and
+    parameters; the states take a step of `optimizer` (default `optax.sgd(step_size)`;
+    `pcjax.langevin` with a key) and the parameters one of the training step's optimizer.
+    With `pcjax.fixed_predictions` the predictions are frozen at the feedforward pass of the
+    current parameters at each step; with `pcjax.preconditioned` the state step is
+    preconditioned.
+    """
+
+    steps: int = eqx.field(static=True)
+    optimizer: optax.GradientTransformation
+    unroll: int | bool | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        steps: int,
+        optimizer: optax.GradientTransformation | None = None,
+        *,
+        step_size: Any = 0.1,
+        unroll: int | bool | None = None,
+    ):
+        self.steps = check_steps(steps)
+        if optimizer is None:
+            if not isinstance(step_size, jax.core.Tracer) and not real(step_size) > 0:
+                raise ValueError(
+                    f"pcjax.Incremental: `step_size` must be positive, got {step_size!r}."
+                )
+            optimizer = optax.sgd(step_size)
+        elif not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                "pcjax.Incremental: `optimizer` (of the states) must be an optax "
+                f"GradientTransformation, got {type(optimizer).__name__}."
+            )
+        scan_unroll(self.steps, unroll)
+        self.optimizer, self.unroll = optimizer, unroll
+
+    def train(self, problem, params, opt_state, apply, key):
+        model, observed, x = problem.model, problem.observed, problem.x
+        state_opt = self.optimizer
+        if key is not None:
+            state_opt = optax.with_extra_args_support(state_opt)
+        diff, static = eqx.partition(params, eqx.is_inexact_array)
+
+        def body(carry, i):
+            diff, opt_state, states, state_opt_state = carry
+            params = eqx.combine(diff, static)
+            value, param_grads, state_grads = model.gradients(
+                params, states, observed, x, problem.spec, problem.precision
+            )
+            extra = {} if key is None else {"key": jax.random.fold_in(key, i)}
+            updates, state_opt_state = state_opt.update(
+                state_grads, state_opt_state, states, **extra
+            )
+            params, opt_state = apply(params, opt_state, param_grads, states)
+            states = optax.apply_updates(states, updates)
+            carry = (eqx.filter(params, eqx.is_inexact_array), opt_state, states, state_opt_state)
+            norm = per_sample_grad_norm(state_grads, problem.sample_axes)
+            return carry, (value, norm)
+
+        states = problem.free(problem.feedforward)
+        init = (diff, opt_state, states, state_opt.init(states))
+        (diff, opt_state, _, _), (values, norms) = jax.lax.scan(
+            body, init, jnp.arange(self.steps), unroll=scan_unroll(self.steps, self.unroll)
+        )
+        value, norm = values[-1], norms[-1]
+        diverged = ~jnp.isfinite(value) | ~jnp.isfinite(norm)
+        steps = jnp.asarray(self.steps, jnp.int32)
+        info = InferInfo(value, diverged, steps, None, norm, ~diverged, steps)
+        return eqx.combine(diff, static), opt_state, info
+
+
+def make_train_step(
+    fn: Callable[..., Any] | EnergyModel,
+    rule: AbstractRule,
+    optimizer: optax.GradientTransformation,
+    *,
+    precision: Precision | None = None,
+    mean_over_batch: bool = True,
+    throw: bool = False,
+) -> Callable[..., tuple[Any, Any, TrainInfo]]:
+    """A PC training step: `step(params, opt_state, x, observed, key=None)`.
+
+    **Arguments:**
+
+    - `fn`: the tagged forward function, or an energy transformation of it
+      (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`).
+    - `rule`: `pcjax.Equilibrium(solver)`, `pcjax.Nudged(solver, beta, mode)` or
+      `pcjax.Incremental(steps, optimizer)`.
+    - `optimizer`: the optax optimizer of the parameters; it receives the extra argument
+      `context` (`pcjax.Context`) when it takes extra arguments, which is how
+      `pcjax.natural_gradient` gets its statistics.
+    - `precision`: the node precisions (see `pcjax.energy`); a function of the parameters
+      (`lambda p: p["precision"]`) makes them learned by `optimizer` with the rest.
+    - `mean_over_batch`: divide the parameter gradient (a sum over the batch) by the batch
+      size, the axis of the observed nodes after any stacked scan axes, so that the learning
+      rate does not depend on it.
+    - `throw`: raise at run time (`eqx.error_if`) when the energy diverges.
+
+    The step starts the free states (every tagged node not in `observed`) at the feedforward
+    pass. It is a pure function: jit it with `eqx.filter_jit` (or `jax.jit`), and wrap it in
+    `pcjax.guarded` to make it all-or-nothing. Combinations a rule cannot learn with raise a
+    `ValueError` here. Initialise the optimizer state with
+    `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`. `key`: a random key for
+    stochastic state optimizers (`pcjax.langevin`); pass a new one every step.
+
+    **Returns:** `step`, returning `(params, opt_state, info)` with a `TrainInfo`.
+    """
+    model = as_model(fn, "pcjax.make_train_step")
+    if not isinstance(rule, AbstractRule):
+        raise TypeError(
+            "pcjax.make_train_step: `rule` must be a learning rule (pcjax.Equilibrium(solver), "
+            f"pcjax.Nudged(solver), pcjax.Incremental(steps)), got {type(rule).__name__}."
+        )
+    rule.check(model)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "pcjax.make_train_step: `optimizer` must be an optax GradientTransformation (e.g. "
+            f"optax.adam(1e-3)), got {type(optimizer).__name__}."
+        )
+    takes_context = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
+    def step(
+        params: Any,
+        opt_state: optax.OptState,
+        x: Any,
+        observed: Mapping[str, Array],
+        key: Array | None = None,
+    ) -> tuple[Any, optax.OptState, TrainInfo]:
+        from ._learning import check_no_python_floats, check_optimizer_state
+
+        check_no_python_floats(params)
+        check_optimizer_state(optimizer, opt_state, eqx.filter(params, eqx.is_inexact_array))
+        if not isinstance(observed, Mapping):
+            raise TypeError(
+                "pcjax: `observed` must be a dict mapping node names to arrays, got "
+                f"{type(observed).__name__}."
+            )
+        observed = dict(observed)
+        feedforward = forward_init(model.fn, params, x)
+        free = {k: v for k, v in feedforward.items() if k not in observed}
+        _, spec = checked_values(model.fn, params, free, x, observed, precision)
+        depths = scan_depths(model.fn, params, x)
+        problem = Problem(model, x, observed, spec, precision, depths, feedforward)
+        scale = 1.0 / batch_size(observed, depths) if mean_over_batch else 1.0
+
+        def apply(params, opt_state, grads, states):
+            grads = jax.tree.map(lambda g: g * scale, grads)
+            extra = {}
+            if takes_context:
+                extra["context"] = Context(model, params, states, x, observed, precision)
+            updates, opt_state = optimizer.update(
+                grads, opt_state, eqx.filter(params, eqx.is_inexact_array), **extra
+            )
+            return eqx.apply_updates(params, updates), opt_state
+
+        params, opt_state, info = rule.train(problem, params, opt_state, apply, key)
+        if throw:
+            params = eqx.error_if(params, info.diverged, DIVERGED_MESSAGE)
+        return (
+            params,
+            opt_state,
+            TrainInfo(
+                info.energy,
+                info.diverged,
+                info.steps,
+                info.grad_norm,
+                info.converged,
+                info.evaluations,
+            ),
+        )
+
+    return step
+
+
+def guarded(step: Callable[..., tuple[Any, Any, TrainInfo]]) -> Callable[..., Any]:
+    """Make a training step all-or-nothing: if its energy diverged or any updated parameter or
+    optimizer-state entry is non-finite, return the original `params` and `opt_state`
+    (with `info.diverged` True), so one bad batch cannot poison a run."""
+
+    def guarded_step(params, opt_state, *args, **kwargs):
+        new_params, new_state, info = step(params, opt_state, *args, **kwargs)
+        diverged = info.diverged | ~_all_finite((new_params, new_state))
+        params, opt_state = _select(diverged, (params, opt_state), (new_params, new_state))
+        return params, opt_state, info._replace(diverged=diverged)
+
+    return guarded_step
+
+
+def _all_finite(tree: Any) -> Array:
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _select(take_first: Array, first: Any, second: Any) -> Any:
+    """Leafwise `first if take_first else second` (arrays; other leaves from `second`)."""
+    return jax.tree.map(
+        lambda a, b: jnp.where(take_first, a, b) if eqx.is_array(b) else b, first, second
+    )
