@@ -20,11 +20,11 @@ import optax
 
 from ._energy import Precision, checked_values, node_dicts
 from ._models import EnergyModel, as_model, fixed_predictions, preconditioned
-from ._solvers import UNROLL_LIMIT, AbstractSolver, GradientDescent, InferInfo, scan_unroll
+from ._solvers import AbstractSolver, GradientDescent, InferInfo
 from ._tagging import Nodes, scan_depths
 
 Array = jax.Array
-__all__ = ["UNROLL_LIMIT", "infer", "legacy_solver", "run_solver", "scan_unroll"]  # + re-exports
+__all__ = ["infer", "legacy_solver", "run_solver"]
 
 
 def infer(

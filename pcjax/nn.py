@@ -138,8 +138,8 @@ class Conv2d(eqx.Module):
     (kernel `(k, k, in, out)`), initialised with normal weights of variance `1 / (in * k * k)`.
 
     Channels last, unlike `eqx.nn.Conv2d` (channels first): under `jax.vmap` it becomes one
-    NHWC convolution, which XLA runs 3.2x faster than the NCHW one on the CPU (the CNN
-    training step of `benchmarks/cnn_step.py`, channels 16-32-64, batch 64: 103 ms vs 329 ms).
+    NHWC convolution, which XLA runs 3.2x faster than the NCHW one on the CPU (a CNN PC
+    training step, channels 16-32-64, batch 64: 103 ms vs 329 ms).
     """
 
     weight: Array

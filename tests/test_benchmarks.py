@@ -1,66 +1,277 @@
-"""The benchmark suite runs end to end (tiny settings) and writes its JSON and markdown."""
+"""The benchmark harness (`benchmarks/`): timing rules, result files, the README's tables, the
+peer energy check, and a tiny end-to-end run of one task."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from pcjax import datasets, nn
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness
+import models
 import peers
-import suite
+import report
+import run
+import tasks
+from experiments import step as step_experiment
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# ---------------------------------------------------------------------------------------------
+# harness
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("suite")
-    argv = ["--quick", "--tasks", "mlp_mnist", "--seeds", "2", "--max-steps", "4"]
-    argv += ["--repeats", "2", "--peers", "nonexistent-peer", "--out", str(out)]
-    argv += ["--data-dir", str(out / "no-mnist-here")]  # falls back to synthetic images
-    return suite.main(argv), out
+def test_interleave_rotates_blocks_and_counts():
+    order = []
+    ticks = iter(range(1000))
+    calls = {name: (lambda name=name: order.append(name) or jnp.ones(())) for name in "abc"}
+    times = harness.interleave(calls, 4, warmup=1, clock=lambda: next(ticks))
+    assert order[:3] == ["a", "b", "c"]  # the warm-up round
+    rounds = [order[3 + 3 * r : 6 + 3 * r] for r in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t == 1 for v in times.values() for t in v)  # one clock tick per timed call
+    with pytest.raises(ValueError, match="repeats"):
+        harness.interleave(calls, 0)
 
 
-def test_suite_writes_json_and_markdown(report):
-    _, out = report
-    saved = json.loads((out / "suite-quick.json").read_text())
-    table = (out / "suite-quick.md").read_text()
-    task = saved["tasks"]["mlp_mnist"]
-    assert task["data"] == "synthetic (28, 28)"
-    assert set(task["timing"]) == {*suite.ALGORITHMS, "reference"}
-    assert set(task["training"]) == set(suite.ALGORITHMS)
-    assert task["timing"]["backprop"]["x_backprop"] == pytest.approx(1.0)
-    for algorithm, timing in task["timing"].items():
-        assert timing["step_seconds"] > 0
-        assert timing["peak_memory_bytes"] > 0
-        assert f"| {algorithm} |" in table
-    for algorithm, summary in task["training"].items():
-        assert summary["seeds"] == 2
-        assert 0.0 <= summary["accuracy_mean"] <= 1.0, algorithm
-        runs = task["runs"][algorithm]
-        assert all(run["curve"][-1][0] == 4 for run in runs)  # 4 training steps each
-    assert task["training"]["pc"]["equilibrium_steps"] is None or (
-        task["training"]["pc"]["equilibrium_steps"] > 0
+def test_summary_median_and_ratio():
+    a = harness.summary([0.3, 0.1, 0.2, 10.0])
+    assert a == {"median_s": 0.25, "min_s": 0.1, "max_s": 10.0, "repeats": 4}
+    assert harness.ratio(a, harness.summary([0.5])) == pytest.approx(0.5)
+
+
+def test_loop_carries_its_state():
+    loop = harness.Loop(lambda a, b, x: (a + x, b * 2, "dropped"), (1, 1), (10,), keep=2)
+    loop()
+    assert loop() == (21, 4)
+
+
+def test_compile_step_reports_memory():
+    compiled = harness.compile_step(lambda a, b: a @ b, jnp.ones((8, 4)), jnp.ones((4, 2)))
+    assert compiled.compile_seconds > 0
+    assert compiled.memory_bytes is None or compiled.memory_bytes >= 4 * (32 + 8 + 16)
+    np.testing.assert_allclose(compiled.call(jnp.ones((8, 4)), jnp.ones((4, 2))), 4.0)
+
+
+def test_result_document_round_trip(tmp_path):
+    env = harness.environment()
+    assert env["jax"] == jax.__version__ and env["device"] and env["backend"]
+    document = harness.result_document(
+        "demo", {"n": np.int32(3)}, {"x": np.arange(3), "y": np.float32(0.5)}, 1.0, env
     )
-    assert "x reference" in table
+    saved = harness.read_result(harness.write_result(tmp_path / "sub" / "r.json", document))
+    assert saved["experiment"] == "demo"
+    assert saved["config"] == {"n": 3}
+    assert saved["results"] == {"x": [0, 1, 2], "y": 0.5}
+    assert saved["environment"]["jax"] == jax.__version__
 
 
-def test_unavailable_peer_is_reported_not_fatal(report):
-    result, out = report
-    (peer,) = result["peers"]
-    assert peer["name"] == "nonexistent-peer" and "unknown peer" in peer["error"]
-    assert "nonexistent-peer | unavailable" in (out / "suite-quick.md").read_text()
+# ---------------------------------------------------------------------------------------------
+# report: every table of benchmarks/README.md is generated from the JSON it cites
+
+
+def test_readme_tables_regenerate_identically_from_results():
+    text = (BENCHMARKS / "README.md").read_text()
+    cited = report.sources(text)
+    assert cited, "the README cites no result file"
+    for path in cited:
+        assert (BENCHMARKS / path).is_file(), path
+        assert path.startswith("results/") and path.endswith(".json"), path
+    assert report.regenerate(text) == text, "run: python benchmarks/report.py"
+
+
+def test_every_readme_table_is_generated():
+    text = (BENCHMARKS / "README.md").read_text()
+    outside = report.MARKER.sub("", text)
+    rows = [line for line in outside.splitlines() if re.match(r"\s*\| ---", line)]
+    assert not rows, f"tables not generated from a result file: {rows}"
+
+
+def test_report_check_flags_a_stale_table(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    document = harness.result_document(
+        "gamma",
+        {"gammas": [1.0, 0.1], "max_steps": 100, "step_size": 0.05, "tol": 1e-10},
+        {"relative_errors": {"net": [0.5, 0.05]}, "inference_steps": {"net": [3, 100]}},
+        env={"device": "cpu", "backend": "cpu", "device_count": 1, "host": "h", "jax": "0",
+             "date": "d"},
+    )  # fmt: skip
+    harness.write_result(results / "g.json", document)
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- report: results/g.json -->\nold\n<!-- /report -->\ny\n")
+    assert report.main(["--readme", str(readme), "--check"]) == 1
+    assert report.main(["--readme", str(readme)]) == 0
+    assert "| net | 0.5 | 0.05* |" in readme.read_text()  # * : stopped at the step limit
+    assert report.main(["--readme", str(readme), "--check"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# models: the references and pcjax's side of the peer check
+
+
+def test_mlp_and_cnn_references_match_pcjax():
+    # One SGD step of pcjax's step and of the hand-written reference give the same parameters
+    # (the CNN: both loop forms of each), else check_problem raises.
+    step_experiment.check_problem(*step_experiment.mlp_problem([6, 5, 4], 4, 3))
+    model, x, y, steps_for = step_experiment.cnn_problem((2,), 2, 2, image_size=4)
+    rolled = lambda opt: {k: v for k, v in steps_for(opt).items() if "unrolled" not in k}  # noqa: E731
+    step_experiment.check_problem(model, x, y, rolled)
+    with pytest.raises(AssertionError):
+        step_experiment.check_same({"a": [jnp.ones(3)], "b": [jnp.ones(3) * 1.01]})
+
+
+def test_relaxed_energy_matches_a_hand_written_relaxation():
+    model = nn.MLP([5, 4, 3, 2], key=jax.random.PRNGKey(1))
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 5))
+    y = jax.nn.one_hot(jnp.array([0, 1, 1]), 2)
+    w = [(layer.weight.T, layer.bias) for layer in model.layers]
+
+    def energy(h):  # pre-activation nodes h0, h1; output clamped to y
+        mus = [x @ w[0][0] + w[0][1], jax.nn.gelu(h[0]) @ w[1][0] + w[1][1]]
+        mus.append(jax.nn.gelu(h[1]) @ w[2][0] + w[2][1])
+        return sum(0.5 * jnp.sum((t - m) ** 2) for t, m in zip([h[0], h[1], y], mus))
+
+    @jax.jit
+    def relax():
+        h = [x @ w[0][0] + w[0][1]]
+        h.append(jax.nn.gelu(h[0]) @ w[1][0] + w[1][1])
+        start = energy(h)
+        for _ in range(6):
+            h = [a - 0.2 * g for a, g in zip(h, jax.grad(energy)(h))]
+        return start, energy(h)
+
+    start, relaxed = relax()
+    ours = models.relaxed_energy(model, x, y, steps=6, state_step=0.2)
+    assert ours["relaxed_energy"] == pytest.approx(float(relaxed), rel=1e-5)
+    assert ours["feedforward_energy"] == pytest.approx(float(start), rel=1e-5)
+    assert sum(ours["relaxed_energy_nodes"].values()) == pytest.approx(ours["relaxed_energy"])
+
+
+def test_peer_weights_layout():
+    model = nn.VGG(1, [2], [3], 4, image_size=4, key=jax.random.PRNGKey(0))
+    weights = models.peer_weights(model)
+    assert sorted(weights) == ["b0", "b1", "b2", "w0", "w1", "w2"]
+    assert weights["w0"].shape == (3, 3, 1, 2)  # HWIO
+    h = np.ones((1, 8), np.float32)
+    np.testing.assert_allclose(
+        h @ weights["w1"] + weights["b1"], nn.call(model.dense_layers[0], h), rtol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# peers: the energy check gates the timing
+
+FAKE_PEER = textwrap.dedent(
+    """
+    import argparse, json, os
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data"); parser.add_argument("--config"); parser.add_argument("--weights")
+    args = parser.parse_args()
+    config = json.load(open(args.config))
+    out = {"peer": "fake", "task": config["task"], "step_seconds": 0.002,
+           "backprop_step_seconds": 0.001, "x_backprop": 2.0, "jax": "0"}
+    energy = os.environ["FAKE_PEER_ENERGY"]
+    if args.weights and energy != "none":
+        out["relaxed_energy"] = float(energy)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture
+def fake_peer(tmp_path, monkeypatch):
+    script = tmp_path / "peer_fake.py"
+    script.write_text(FAKE_PEER)
+    spec = peers.Peer(("fake==1.0",), "json", script, ("mlp",))
+    monkeypatch.setitem(peers.PEERS, "fake", spec)
+    monkeypatch.setattr(peers, "ensure_venv", lambda name, root: Path(sys.executable))
+    monkeypatch.setattr(peers.models, "relaxed_energy", lambda *a, **k: {"relaxed_energy": 100.0})
+    task = tasks.Task("tiny_mlp", "MLP 784-8-10", "mnist", (), (8,), 8, 1, 0.5)
+    data = datasets.synthetic_images((28, 28), n_train=32, n_test=8)
+    return lambda: peers.run_peer("fake", task, data, tmp_path, repeats=2, speed_only=True)
+
+
+@pytest.mark.parametrize(
+    ("energy", "valid"), [("100.00001", True), ("101.0", False), ("none", False)]
+)
+def test_peer_is_timed_only_if_its_energy_matches(fake_peer, monkeypatch, energy, valid):
+    monkeypatch.setenv("FAKE_PEER_ENERGY", energy)
+    result = fake_peer()
+    assert result["valid"] is valid
+    assert result["task"] == "tiny_mlp" and result["name"] == "fake"
+    assert result["energy_check"]["ok"] is valid
+    if valid:
+        assert result["step_seconds"] == 0.002 and result["x_backprop"] == 2.0
+    else:
+        assert "step_seconds" not in result and "x_backprop" not in result
+        assert result["error"]
 
 
 def test_peer_install_failure_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setitem(
-        peers.PEERS, "broken", {"requirements": ["--no-index", "no-such-package-xyz"]}
-    )
+    spec = peers.Peer(("no-such-package-xyz==1",), "no_such_module", Path("x"), ())
+    monkeypatch.setitem(peers.PEERS, "broken", spec)
+    monkeypatch.setattr(peers.sys, "executable", str(tmp_path / "no-python-here"))
     with pytest.raises(peers.PeerUnavailable, match="could not install"):
         peers.ensure_venv("broken", tmp_path)
 
 
+# ---------------------------------------------------------------------------------------------
+# one task x algorithm, end to end through the CLI
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    argv = ["suite", "--quick", "--tasks", "mlp_mnist", "--algorithms", "pc,reference"]
+    argv += ["--seeds", "1", "--max-steps", "3", "--repeats", "2", "--peers", "nonexistent-peer"]
+    argv += ["--data-dir", str(out / "no-mnist-here"), "--out", str(out / "suite.json")]
+    run.main(argv)  # no MNIST there: synthetic images of MNIST's shape
+    return json.loads((out / "suite.json").read_text())
+
+
+def test_suite_smoke_run(suite_run):
+    assert suite_run["experiment"] == "suite"
+    assert suite_run["environment"]["jax"] == jax.__version__
+    task = suite_run["results"]["tasks"]["mlp_mnist"]
+    assert task["data"] == "synthetic (28, 28)"
+    assert list(task["timing"]) == ["backprop", "pc", "reference"]
+    assert set(task["training"]) == {"backprop", "pc"}  # the reference is timed only
+    assert task["timing"]["backprop"]["x_backprop"] == pytest.approx(1.0)
+    assert task["timing"]["pc"]["x_reference"] > 0
+    for timing in task["timing"].values():
+        assert timing["times"]["repeats"] == 2
+        assert timing["step_seconds"] == timing["times"]["median_s"] > 0
+    assert task["runs"]["pc"][0]["curve"][-1][0] == 3  # 3 training steps
+    assert 0.0 <= task["training"]["pc"]["accuracy_mean"] <= 1.0
+    (peer,) = suite_run["results"]["peers"]
+    assert peer["valid"] is False and "unknown peer" in peer["error"]
+    table = report.render(suite_run)
+    assert "x reference" in table and "nonexistent-peer | unavailable" in table
+
+
 def test_bad_task_name_is_an_error():
     with pytest.raises(SystemExit):
-        suite.main(["--tasks", "imagenet", "--peers", "none"])
+        run.main(["suite", "--tasks", "imagenet", "--peers", "none"])
+
+
+def test_no_deprecated_pcjax_calls_in_benchmarks():
+    patterns = [r"\btrain_step\(", r"fixed_predictions=True", r"\bfisher=", r"precondition=",
+                r"incremental=True", r"infer\([^)]*\bsteps="]  # fmt: skip
+    for path in BENCHMARKS.rglob("*.py"):
+        if path.name.startswith("peer_") or ".venvs" in path.parts:
+            continue  # the peers' scripts run other libraries
+        text = path.read_text()
+        for pattern in patterns:
+            assert not re.search(pattern, text, re.DOTALL), (path.name, pattern)

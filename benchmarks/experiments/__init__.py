@@ -1,0 +1,1 @@
+"""The experiments of `benchmarks/run.py`: each has `add_arguments`, `run` and `default_out`."""
