@@ -13,6 +13,7 @@ as non-finite parameters):
 - `backprop`: the same network and loss, `jax.grad`.
 - `pc`: `pc.make_train_step(nn.call, pc.Equilibrium(pc.GradientDescent(T, step_size=a)), opt)`.
 - `fpa`: the same with `pc.fixed_predictions(nn.call)`.
+- `epc`: the same with `pc.error_parameterised(nn.call)` (inference over the errors).
 - `ipc`: `pc.Incremental(T, step_size=a)` (a parameter update at each of the T steps).
 - `pc_natgrad`: `pc` with `optax.chain(pc.natural_gradient("kronecker", damping=0.1,
   ema_decay=0.95, refresh_every=10, mask=pc.fisher_mask(...)), optax.sgd(cosine 0.05,
@@ -139,6 +140,7 @@ class Algorithm:
     name: str
     trained: bool  # False: timed only (the reference)
     build: Callable[[Task, Any, Any, int], tuple[Callable, optax.GradientTransformation]]
+    network: Any = nn.call  # the energy its inference descends (for the equilibrium count)
 
 
 def adamw(task: Task, total_steps: int) -> optax.GradientTransformation:
@@ -190,6 +192,13 @@ def _fpa(task, model, x, total):
     return _pc_step(fn, rule, optimizer, models.output_node(model)), optimizer
 
 
+def _epc(task, model, x, total):
+    optimizer = adamw(task, total)
+    rule = pc.Equilibrium(gradient_descent(task))
+    fn = pc.error_parameterised(nn.call)
+    return _pc_step(fn, rule, optimizer, models.output_node(model)), optimizer
+
+
 def _ipc(task, model, x, total):
     optimizer = adamw(task, total * task.inference_steps)  # T parameter updates per batch
     rule = pc.Incremental(task.inference_steps, step_size=task.state_step)
@@ -207,7 +216,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     for a in (
         Algorithm("backprop", True, _backprop),
         Algorithm("pc", True, _pc),
-        Algorithm("fpa", True, _fpa),
+        Algorithm("fpa", True, _fpa, pc.fixed_predictions(nn.call)),
+        Algorithm("epc", True, _epc, pc.error_parameterised(nn.call)),
         Algorithm("ipc", True, _ipc),
         Algorithm("pc_natgrad", True, _pc_natgrad),
         Algorithm("reference", False, _reference),

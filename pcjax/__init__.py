@@ -10,7 +10,7 @@ from ._energy import cross_entropy, energy, prediction_errors
 from ._inference import infer
 from ._langevin import LangevinState, langevin
 from ._learning import param_grads, train_step
-from ._models import Context, fixed_predictions, preconditioned
+from ._models import Context, error_parameterised, fixed_predictions, preconditioned
 from ._natural import (
     FisherOperator,
     KroneckerFactors,
@@ -57,6 +57,7 @@ __all__ = [
     "dense",
     "energy",
     "error_moments",
+    "error_parameterised",
     "fisher_mask",
     "fisher_statistics",
     "fixed_predictions",

@@ -231,7 +231,9 @@ class _Harvester:
     """Evaluates jaxprs, recording node predictions and substituting node states.
 
     `states` holds the (already checked) states of the nodes this evaluation reaches, with the
-    stacking of any enclosing scan already sliced away.
+    stacking of any enclosing scan already sliced away; `offsets` holds additive offsets of
+    other nodes: such a node hands on its prediction plus the offset (the error
+    parameterisation, `pcjax.error_parameterised`).
     """
 
     def __init__(
@@ -240,20 +242,27 @@ class _Harvester:
         states: Mapping[str, Array],
         record_dtype: Any,
         record: Mapping[str, Any] | None = None,
+        offsets: Mapping[str, Array] | None = None,
     ):
         self.nodes = nodes
         self.states = states
+        self.offsets = offsets or {}
         self.record_dtype = record_dtype
         self.predictions: dict[str, Array] = {}
         # Dense layers whose inputs to record (`pcjax._dense`): node name -> site.
         self.record = record or {}
         self.inputs: dict[str, Array] = {}
 
-    def child(self, states: Mapping[str, Array]) -> _Harvester:
-        return _Harvester(self.nodes, states, self.record_dtype, self.record)
+    def child(self, inside: tuple[Mapping[str, Array], Mapping[str, Array]]) -> _Harvester:
+        states, offsets = inside
+        return _Harvester(self.nodes, states, self.record_dtype, self.record, offsets)
 
-    def states_of(self, names: frozenset[str]) -> dict[str, Array]:
-        return {n: self.states[n] for n in sorted(names) if n in self.states}
+    def inside(self, names: frozenset[str]) -> tuple[dict[str, Array], dict[str, Array]]:
+        """The states and offsets of the nodes `names` (those of a sub-jaxpr)."""
+        return (
+            {n: self.states[n] for n in sorted(names) if n in self.states},
+            {n: self.offsets[n] for n in sorted(names) if n in self.offsets},
+        )
 
     def results(self) -> tuple[dict[str, Array], dict[str, Array]]:
         return self.predictions, self.inputs
@@ -304,6 +313,8 @@ class _Harvester:
         if self.record_dtype is not None and jnp.issubdtype(value.dtype, jnp.inexact):
             recorded = value.astype(self.record_dtype)
         self.predictions[name] = recorded
+        if name in self.offsets:
+            return value + self.offsets[name].astype(value.dtype)
         if name not in self.states:
             return value
         state = self.states[name]
@@ -314,14 +325,14 @@ class _Harvester:
         jaxpr = eqn.params["jaxpr"]
         names = self.nodes.inside(jaxpr)
 
-        def body(args: list[Any], states: dict[str, Array]) -> tuple[list[Any], dict]:
-            inner = self.child(states)
+        def body(args: list[Any], inside: tuple[dict, dict]) -> tuple[list[Any], dict]:
+            inner = self.child(inside)
             return inner.run(jaxpr, (), args), inner.results()
 
         body = jax.checkpoint(
             body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
         )
-        outs, results = body(invals, self.states_of(names))
+        outs, results = body(invals, self.inside(names))
         self.merge(results)
         return outs
 
@@ -333,16 +344,16 @@ class _Harvester:
         consts = invals[:n_consts]
         init, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
 
-        def body(carry: list[Any], step: tuple[list[Any], dict]) -> tuple[list[Any], Any]:
-            x, states = step
-            inner = self.child(states)
+        def body(carry: list[Any], step: tuple[list[Any], tuple]) -> tuple[list[Any], Any]:
+            x, inside = step
+            inner = self.child(inside)
             outs = inner.run(closed.jaxpr, closed.consts, [*consts, *carry, *x])
             return outs[:n_carry], (outs[n_carry:], inner.results())
 
         carry, (ys, results) = lax.scan(
             body,
             list(init),
-            (list(xs), self.states_of(names)),
+            (list(xs), self.inside(names)),
             length=p["length"],
             reverse=p["reverse"],
             unroll=p["unroll"],
@@ -446,16 +457,26 @@ def harvest(
       (mixed precision). A function of no arguments is called after `fn` is traced (a hook
       for wrappers that choose the dtype while `fn` runs); it may return None.
 
+    `offsets` (keyword): nodes that hand on their prediction plus this offset instead (the
+    error parameterisation: the offset is the node's prediction error); they must not also be
+    in `values`.
+
     `values` may be `None` (no substitution). The returned function works under `jax.jit`,
     `jax.grad` and `jax.vmap`. Array leaves of `args` are traced; other leaves are static.
     """
 
-    def wrapped(values: Mapping[str, Any] | None, *args: Any) -> tuple[Any, dict[str, Array]]:
+    def wrapped(
+        values: Mapping[str, Any] | None, *args: Any, offsets: Mapping[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Array]]:
         closed, out_tree, arrays = _trace(fn, args)
         nodes = _Nodes(closed.jaxpr)
         dtype = _record_dtype(record_dtype)
         states = _check_states(nodes, {} if values is None else values, dtype)
-        harvester = _Harvester(nodes, states, dtype)
+        offsets = _check_states(nodes, {} if offsets is None else offsets, dtype)
+        both = sorted(set(states) & set(offsets))
+        if both:
+            raise ValueError(f"pcjax: node(s) {both} given both a state and an offset.")
+        harvester = _Harvester(nodes, states, dtype, offsets=offsets)
         outs = harvester.run(closed.jaxpr, closed.consts, arrays)
         predictions = {name: harvester.predictions[name] for name in nodes.avals}
         return jax.tree.unflatten(out_tree, outs), predictions

@@ -44,7 +44,8 @@ def infer(
     **Arguments** (as for `pcjax.energy`, plus):
 
     - `fn`: the tagged forward function, or an energy transformation of it
-      (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`).
+      (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
+      `pcjax.error_parameterised(fn)`: the solver then runs on the errors).
     - `solver`: `pcjax.GradientDescent(steps, optimizer, tol=...)` or `pcjax.ODE(...)`.
     - `precision`: the node precisions (see `pcjax.energy`).
     - `key`: a `jax.random` key for stochastic solvers (`GradientDescent(optimizer=
@@ -79,7 +80,9 @@ def infer(
     states, observed = node_dicts(states, observed)
     _, spec = checked_values(model.fn, params, states, x, observed, precision)
     field = model.field(params, x, observed, spec)
-    return run_solver(solver, field, states, key, scan_depths(model.fn, params, x))
+    variables = model.to_variables(params, x, observed, states)
+    variables, info = run_solver(solver, field, variables, key, scan_depths(model.fn, params, x))
+    return model.to_states(params, x, observed, variables), info
 
 
 def run_solver(

@@ -9,14 +9,23 @@ Everywhere pcjax takes `fn` it also takes a transformation of it:
   $\partial F / \partial \theta = -\sum_i (\partial \mu_i(\hat x) / \partial \theta)^\top P_i
   e_i$. At equilibrium its errors are exactly the backprop gradients of the output energy, on any
   graph. The field is not the gradient of a scalar function.
+- `pcjax.error_parameterised(fn)`: error-parameterised PC (ePC; Goemaere et al. 2025). Inference
+  runs over the prediction errors $\varepsilon_i$ instead of the states: the states are the
+  forward pass in which every free node adds its error to its prediction,
+  $x_i(\varepsilon) = \mu_i(x_{\text{parents}}(\varepsilon)) + \varepsilon_i$, and the field is
+  $\partial F(x(\varepsilon)) / \partial \varepsilon$, which carries an output error to every
+  layer in one step (standard PC moves it one layer per step). The map $\varepsilon \mapsto x$
+  is triangular with unit diagonal, so the fixed points are those of the standard energy;
+  learning takes $\partial F / \partial \theta$ at the relaxed states, as standard PC does.
 - `pcjax.preconditioned(model)`: "natural" inference, each node's state gradient multiplied by
   the inverse of its own precision, $P_i^{-1} \partial F / \partial x_i$, so that its own error
   relaxes at a rate independent of $P_i$. It changes the path, not the fixed points, and leaves
   learning unchanged; it composes with either of the above.
 
-A plain function is the standard energy. Each object answers three questions for given
+A plain function is the standard energy. Each object answers four questions for given
 parameters, input, observed nodes and node specs (checked precisions and custom energies):
-the state field `states -> (energy, dF/dstates)` inference integrates, the joint gradient
+the variables inference runs over (the free states, or ePC's errors: `to_variables`,
+`to_states`), the field `variables -> (energy, field)` inference integrates, the joint gradient
 learning takes at the relaxed states, and where the predictions are linearised (the point at
 which natural gradients take the Fisher information).
 """
@@ -32,7 +41,7 @@ import jax.numpy as jnp
 
 from ._energy import CustomEnergy, Precision, current_spec, node_energy, total_energy
 from ._precision import solve
-from ._tagging import Nodes, forward_init, predictions
+from ._tagging import Nodes, forward_init, offset_predictions, predictions
 
 Array = jax.Array
 StateField = Callable[[Nodes], tuple[Array, Nodes]]
@@ -43,8 +52,19 @@ class EnergyModel(eqx.Module):
 
     fn: Callable[..., Any] = eqx.field(static=True)
 
+    def to_variables(self, params: Any, x: Any, observed: Nodes, states: Nodes) -> Nodes:
+        """The inference variables of the free `states` (the states themselves here)."""
+        del params, x, observed
+        return states
+
+    def to_states(self, params: Any, x: Any, observed: Nodes, variables: Nodes) -> Nodes:
+        """The free states of the inference `variables` (the inverse of `to_variables`)."""
+        del params, x, observed
+        return variables
+
     def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
-        """`states -> (energy, dF/dstates)` at fixed parameters."""
+        """`variables -> (energy, field)` at fixed parameters: the standard energy's
+        `states -> (energy, dF/dstates)`."""
         return jax.value_and_grad(
             lambda states: node_energy(self.fn, params, {**states, **observed}, x, spec)
         )
@@ -62,8 +82,10 @@ class EnergyModel(eqx.Module):
         spec: Mapping[str, Any],
         learnable: Precision | None,
     ) -> tuple[Array, Any, Nodes]:
-        """`(energy, dF/dparams, dF/dstates)` in one backward pass; the parameter gradient has
-        the structure of `params` with None at leaves that are not floating-point arrays.
+        """`(energy, dF/dparams, field)` at the free `states`, the field in the inference
+        variables' coordinates (here `dF/dstates`), in one backward pass; the parameter
+        gradient has the structure of `params` with None at leaves that are not floating-point
+        arrays.
         `learnable` (the `precision` argument) is re-read from the parameters when it is a
         function of them, so that learned precisions get gradients."""
         diff, static = eqx.partition(params, eqx.is_inexact_array)
@@ -152,6 +174,12 @@ class Preconditioned(EnergyModel):
 
         return value_and_grad
 
+    def to_variables(self, params, x, observed, states):
+        return self.model.to_variables(params, x, observed, states)
+
+    def to_states(self, params, x, observed, variables):
+        return self.model.to_states(params, x, observed, variables)
+
     def energy(self, params, values, x, spec):
         return self.model.energy(params, values, x, spec)
 
@@ -171,6 +199,34 @@ class Preconditioned(EnergyModel):
     @property
     def base(self) -> EnergyModel:
         return self.model.base
+
+
+class ErrorParameterised(EnergyModel):
+    r"""Inference over the prediction errors of the free nodes (ePC), learning as standard PC.
+    Made by `pcjax.error_parameterised(fn)`; see the module docstring."""
+
+    def to_variables(self, params, x, observed, states):
+        mu = predictions(self.fn, params, {**states, **observed}, x)
+        return {k: v - mu[k].astype(v.dtype) for k, v in states.items()}
+
+    def to_states(self, params, x, observed, variables):
+        mu = offset_predictions(self.fn, params, x, variables, observed)
+        return {k: mu[k].astype(e.dtype) + e for k, e in variables.items()}
+
+    def field(self, params, x, observed, spec):
+        def energy_of_errors(errors: Nodes) -> Array:
+            # One forward pass: each free node hands on mu + e, each observed node its value.
+            mu = offset_predictions(self.fn, params, x, errors, observed)
+            states = {k: mu[k].astype(e.dtype) + e for k, e in errors.items()}
+            return total_energy({**states, **observed}, mu, spec)
+
+        return jax.value_and_grad(energy_of_errors)
+
+    def gradients(self, params, states, observed, x, spec, learnable):
+        value, param_grads, _ = super().gradients(params, states, observed, x, spec, learnable)
+        errors = self.to_variables(params, x, observed, states)
+        _, field = self.field(params, x, observed, current_spec(learnable, params, spec))(errors)
+        return value, param_grads, field
 
 
 def precondition_grads(spec: Mapping[str, Any], grads: Nodes) -> Nodes:
@@ -209,6 +265,12 @@ def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:
     `pcjax.param_grads`, `pcjax.make_train_step`.
     """
     model = as_model(fn, "pcjax.fixed_predictions")
+    if isinstance(model.base, ErrorParameterised):
+        raise ValueError(
+            "pcjax.fixed_predictions: the network is error-parameterised; with the predictions "
+            "fixed at the feedforward pass, states and errors differ by a constant and ePC is "
+            "FPA itself: pass the plain function."
+        )
     if isinstance(model, Preconditioned):
         return Preconditioned(fixed_predictions(model.model))  # type: ignore[return-value]
     return FixedPredictions(model.fn)
@@ -227,6 +289,38 @@ def preconditioned(fn: Callable[..., Any] | EnergyModel) -> Preconditioned:
     if isinstance(model, Preconditioned):
         raise ValueError("pcjax.preconditioned: the model is already preconditioned.")
     return Preconditioned(model)
+
+
+def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
+    r"""Error-parameterised PC (ePC; Goemaere et al. 2025, "Error Optimization: Overcoming
+    Exponential Signal Decay in Deep Predictive Coding Networks") as a transformation of the
+    energy of `fn`.
+
+    Inference descends $F$ over the free nodes' prediction errors $arepsilon$: the states are
+    $x_i = \mu_i(x_{	ext{parents}}) + arepsilon_i$ in topological order (observed nodes
+    clamped), and the field $\partial F(x(arepsilon)) / \partial arepsilon$ is a backward
+    pass through the whole network, so the output error reaches every layer in one step (in
+    standard PC it travels one layer per step and decays on the way). At $arepsilon = 0$
+    (the feedforward pass) the field of a free Gaussian node is the backprop gradient of the
+    observed nodes' energy with respect to it. The fixed points are standard PC's (the map
+    $arepsilon \mapsto x$ is triangular with identity diagonal blocks), and learning takes
+    $\partial F / \partial 	heta$ at the relaxed states, as standard PC does.
+
+    `pcjax.infer` and the learning rules take and return states; the solver runs on the errors
+    (start: the given states' errors, zero at the feedforward pass), and `InferInfo.grad_norm`
+    and `tol` refer to the error field. Composes with `pcjax.preconditioned` (each error's
+    field times its node's inverse precision). `pcjax.fixed_predictions` and `pcjax.Nudged`
+    refuse it.
+    """
+    model = as_model(fn, "pcjax.error_parameterised")
+    if isinstance(model, Preconditioned):
+        return Preconditioned(error_parameterised(model.model))
+    if isinstance(model, (FixedPredictions, ErrorParameterised)):
+        raise ValueError(
+            f"pcjax.error_parameterised: the network is already transformed by "
+            f"{type(model).__name__}; ePC transforms the standard energy only."
+        )
+    return ErrorParameterised(model.fn)
 
 
 class Context(NamedTuple):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from ._energy import Precision, batch_size, checked_values
-from ._models import Context, EnergyModel, FixedPredictions, as_model
+from ._models import Context, EnergyModel, ErrorParameterised, FixedPredictions, as_model
 from ._nudging import MODES, nudged_gradients
 from ._solvers import (
     DIVERGED_MESSAGE,
@@ -127,15 +127,16 @@ class Equilibrium(AbstractRule):
     def train(self, problem, params, opt_state, apply, key):
         model, observed = problem.model, problem.observed
         field = model.field(params, problem.x, observed, problem.spec)
-        start = problem.free(problem.feedforward)
-        states, steps, evaluations, energies = self.solver.run(
+        start = model.to_variables(params, problem.x, observed, problem.free(problem.feedforward))
+        variables, steps, evaluations, energies = self.solver.run(
             field, start, key=key, sample_axes=problem.sample_axes
         )
-        value, param_grads, state_grads = model.gradients(
+        states = model.to_states(params, problem.x, observed, variables)
+        value, param_grads, field_grads = model.gradients(
             params, states, observed, problem.x, problem.spec, problem.precision
         )
         states, info = self.solver.report(
-            states, value, state_grads, steps, evaluations, energies, problem.sample_axes
+            states, value, field_grads, steps, evaluations, energies, problem.sample_axes
         )
         params, opt_state = apply(params, opt_state, param_grads, states)
         return params, opt_state, info
@@ -166,6 +167,11 @@ class Nudged(AbstractRule):
         self.beta, self.mode = beta, mode
 
     def check(self, model):
+        if isinstance(model.base, ErrorParameterised):
+            raise ValueError(
+                "pcjax.Nudged: nudging with error-parameterised inference (ePC) is not "
+                "implemented; use pcjax.Equilibrium or pcjax.Incremental with it."
+            )
         if isinstance(model.base, FixedPredictions):
             raise ValueError(
                 "pcjax.Nudged: nudging estimates the gradient of the loss at the equilibrium of "
@@ -243,23 +249,28 @@ class Incremental(AbstractRule):
         diff, static = eqx.partition(params, eqx.is_inexact_array)
 
         def body(carry, i):
-            diff, opt_state, states, state_opt_state = carry
+            # `variables`: the free states, or ePC's errors (states of the current params).
+            diff, opt_state, variables, state_opt_state = carry
             params = eqx.combine(diff, static)
-            value, param_grads, state_grads = model.gradients(
+            states = model.to_states(params, x, observed, variables)
+            value, param_grads, field = model.gradients(
                 params, states, observed, x, problem.spec, problem.precision
             )
             extra = {} if key is None else {"key": jax.random.fold_in(key, i)}
-            updates, state_opt_state = state_opt.update(
-                state_grads, state_opt_state, states, **extra
-            )
+            updates, state_opt_state = state_opt.update(field, state_opt_state, variables, **extra)
             params, opt_state = apply(params, opt_state, param_grads, states)
-            states = optax.apply_updates(states, updates)
-            carry = (eqx.filter(params, eqx.is_inexact_array), opt_state, states, state_opt_state)
-            norm = per_sample_grad_norm(state_grads, problem.sample_axes)
+            variables = optax.apply_updates(variables, updates)
+            carry = (
+                eqx.filter(params, eqx.is_inexact_array),
+                opt_state,
+                variables,
+                state_opt_state,
+            )
+            norm = per_sample_grad_norm(field, problem.sample_axes)
             return carry, (value, norm)
 
-        states = problem.free(problem.feedforward)
-        init = (diff, opt_state, states, state_opt.init(states))
+        start = model.to_variables(params, x, observed, problem.free(problem.feedforward))
+        init = (diff, opt_state, start, state_opt.init(start))
         (diff, opt_state, _, _), (values, norms) = jax.lax.scan(
             body, init, jnp.arange(self.steps), unroll=scan_unroll(self.steps, self.unroll)
         )

@@ -111,9 +111,14 @@ def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
 
 
 def run_tagged(
-    fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    values: Mapping[str, Array] | None,
+    offsets: Mapping[str, Array] | None = None,
 ) -> tuple[Any, Nodes]:
-    """Call `fn(params, x)` with the node states in `values` substituted.
+    """Call `fn(params, x)` with the node states in `values` substituted (and the nodes in
+    `offsets` handing on their prediction plus the offset).
 
     Returns the function's output and the dict of every tagged node's prediction. Raises if
     `values` names a node the function does not tag, or if it tags none. The function is traced
@@ -122,7 +127,9 @@ def run_tagged(
     hook = _DtypeHook()  # collects `mixed_precision`'s dtypes while `fn` is traced
     token = _active_hook.set(hook)
     try:
-        out, predictions = harvest(fn, record_dtype=lambda: _state_dtype(hook))(values, params, x)
+        out, predictions = harvest(fn, record_dtype=lambda: _state_dtype(hook))(
+            values, params, x, offsets=offsets
+        )
     finally:
         _active_hook.reset(token)
     if not predictions:
@@ -176,6 +183,19 @@ def scan_depths(fn: Callable[..., Any], params: Any, x: Any) -> dict[str, int]:
 def predictions(fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any) -> Nodes:
     r"""Every node's prediction $\mu_i = g_i(\text{parents' states})$, given all node states."""
     return run_tagged(fn, params, x, values)[1]
+
+
+def offset_predictions(
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    errors: Mapping[str, Array],
+    observed: Mapping[str, Array],
+) -> Nodes:
+    r"""Every node's prediction in the forward pass where each node in `errors` takes the
+    value $\mu_i + arepsilon_i$ and each node in `observed` its observed value (the error
+    parameterisation, `pcjax.error_parameterised`)."""
+    return run_tagged(fn, params, x, observed, errors)[1]
 
 
 def mixed_precision(
