@@ -28,13 +28,22 @@ from ._precision import (
     error_moments,
     update_precision_ema,
 )
-from ._rules import Equilibrium, Incremental, Nudged, TrainInfo, guarded, make_train_step
+from ._rules import (
+    Amortised,
+    Equilibrium,
+    Incremental,
+    Nudged,
+    TrainInfo,
+    guarded,
+    make_train_step,
+)
 from ._sharding import cross_device_mean, data_mesh, replicate, shard_batch
 from ._solvers import ODE, GradientDescent, InferInfo
 from ._tagging import dense, forward_init, mixed_precision, node
 
 __all__ = [
     "ODE",
+    "Amortised",
     "Context",
     "DiagonalPrecision",
     "Equilibrium",

@@ -16,6 +16,8 @@ Rules:
   `fixed_predictions`).
 - `Nudged(solver, beta, mode)`: leave the outputs free and pull them towards their targets with
   strength $\beta$ (equilibrium propagation; `pcjax._nudging` for the three estimates).
+- `Amortised(solver, amortiser)`: hybrid PC: relax from an amortisation network's proposal,
+  learn at the relaxed states, and train the amortiser to predict them.
 - `Incremental(steps, optimizer)`: incremental PC (iPC; Salvatori et al. 2024): states and
   parameters descend the energy together, one joint backward pass and one parameter update per
   step.
@@ -279,6 +281,88 @@ class Incremental(AbstractRule):
         steps = jnp.asarray(self.steps, jnp.int32)
         info = InferInfo(value, diverged, steps, None, norm, ~diverged, steps)
         return eqx.combine(diff, static), opt_state, info
+
+
+class Amortised(AbstractRule):
+    r"""Amortised (hybrid) PC (Tschantz et al. 2023, "Hybrid predictive coding: inferring,
+    fast and slow"): a bottom-up amortisation network proposes the free states, `solver`
+    refines them, and the network learns to predict the refined states.
+
+    `amortiser(params, x, observed)` returns a dict with a state for every free node (the
+    amortisation network's parameters live in `params` next to the generative ones). The step
+    relaxes from that proposal (instead of the feedforward pass), takes
+    $\partial F / \partial \theta$ at the relaxed states $x^*$ as `Equilibrium` does, and adds
+    `weight` times the gradient of the amortisation loss
+    $\tfrac12 \sum_i \lVert \operatorname{sg}(x_i^*) - q_i(\text{params}, x, \text{observed})
+    \rVert^2$ (summed over the batch; `sg`: the relaxed states are targets, not functions of the
+    parameters). One optimizer update applies both. A well-trained amortiser starts inference
+    near the equilibrium, so fewer steps reach it.
+    """
+
+    solver: AbstractSolver
+    amortiser: Callable[..., Mapping[str, Array]] = eqx.field(static=True)
+    weight: Any = 1.0
+
+    def __init__(
+        self,
+        solver: AbstractSolver,
+        amortiser: Callable[..., Mapping[str, Array]],
+        weight: Any = 1.0,
+    ):
+        self.solver = _check_solver(solver, "Amortised")
+        if not callable(amortiser):
+            raise TypeError(
+                "pcjax.Amortised: `amortiser` must be a function (params, x, observed) -> dict "
+                f"of initial states, got {type(amortiser).__name__}."
+            )
+        if not isinstance(weight, jax.core.Tracer) and not real(weight) >= 0:
+            raise ValueError(f"pcjax.Amortised: `weight` must be >= 0, got {weight!r}.")
+        self.amortiser, self.weight = amortiser, weight
+
+    def proposal(self, params: Any, problem: Problem) -> Nodes:
+        """The amortiser's states, checked against the free nodes (names, shapes, dtypes)."""
+        proposed = self.amortiser(params, problem.x, problem.observed)
+        free = problem.free(problem.feedforward)
+        if not isinstance(proposed, Mapping) or set(proposed) != set(free):
+            got = sorted(proposed) if isinstance(proposed, Mapping) else type(proposed).__name__
+            raise ValueError(
+                f"pcjax.Amortised: the amortiser must return a state for every free node "
+                f"{sorted(free)}, got {got}."
+            )
+        for name, value in proposed.items():
+            if jnp.shape(value) != free[name].shape or jnp.result_type(value) != free[name].dtype:
+                raise ValueError(
+                    f"pcjax.Amortised: the amortiser's state for node {name!r} has shape "
+                    f"{jnp.shape(value)} and dtype {jnp.result_type(value)}; the node's is "
+                    f"{free[name].shape} {free[name].dtype}."
+                )
+        return dict(proposed)
+
+    def train(self, problem, params, opt_state, apply, key):
+        model, observed, x = problem.model, problem.observed, problem.x
+        field = model.field(params, x, observed, problem.spec)
+        start = model.to_variables(params, x, observed, self.proposal(params, problem))
+        variables, steps, evaluations, energies = self.solver.run(
+            field, start, key=key, sample_axes=problem.sample_axes
+        )
+        states = model.to_states(params, x, observed, variables)
+        value, param_grads, field_grads = model.gradients(
+            params, states, observed, x, problem.spec, problem.precision
+        )
+        targets = jax.lax.stop_gradient(states)
+        diff, static = eqx.partition(params, eqx.is_inexact_array)
+
+        def amortisation_loss(diff):
+            proposed = self.amortiser(eqx.combine(diff, static), x, observed)
+            return 0.5 * sum(jnp.sum((targets[k] - proposed[k]) ** 2) for k in targets)
+
+        amortiser_grads = jax.grad(amortisation_loss)(diff)
+        grads = jax.tree.map(lambda g, a: g + self.weight * a, param_grads, amortiser_grads)
+        states, info = self.solver.report(
+            states, value, field_grads, steps, evaluations, energies, problem.sample_axes
+        )
+        params, opt_state = apply(params, opt_state, grads, states)
+        return params, opt_state, info
 
 
 def make_train_step(
