@@ -363,6 +363,26 @@ def render_train_cnn(document: dict[str, Any], view: str | None = None) -> str:
     return caption(document, extra) + "\n\n" + table(header, rows)
 
 
+def render_deep(document: dict[str, Any], view: str | None = None) -> str:
+    c = document["config"]
+    rows = []
+    for name, r in document["results"]["runs"].items():
+        per_epoch = ", ".join(
+            f"{e['test_accuracy']:.4f}" for e in r["epochs"] if "test_accuracy" in e
+        )
+        seconds = ", ".join(f"{e['seconds']:.0f}" for e in r["epochs"])
+        final = "diverged" if r["diverged"] else f"{r['final']:.4f}"
+        rows.append([name, str(r["steps"]), final, per_epoch or "-", seconds])
+    extra = (
+        f"nn.ResNet width {c['width']} (blocks scanned), {c['inference']} inference, T = "
+        f"{c['inference_steps']}, state step {c['state_step']:g}, Adam {c['lr']:g}, batch "
+        f"{c['batch']}, seed {c['seed']}; test accuracy of the feedforward prediction on the "
+        "10,000 test images."
+    )
+    header = ["run", "steps", "final test accuracy", "test accuracy per epoch", "s per epoch"]
+    return caption(document, extra) + "\n\n" + table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any], str | None], str]] = {
     "suite": render_suite,
     "step": render_step,
@@ -372,6 +392,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any], str | None], str]] = {
     "natgrad": render_natgrad,
     "architectures": render_architectures,
     "train-cnn": render_train_cnn,
+    "deep": render_deep,
 }
 
 

@@ -10,6 +10,7 @@ Experiments (`benchmarks/experiments/`; `python benchmarks/run.py <experiment> -
     natgrad        PC + natural gradient vs PC + Adam vs backprop (MNIST MLP)
     architectures  LSTM, ResNet and Transformer trained by PC next to backprop
     train-cnn      the VGG-style CNN trained on MNIST by PC (and backprop)
+    deep           16- and 128-layer residual PC networks, muPC vs standard parameterisation
 
 Each writes one JSON file (`--out`, default `benchmarks/results/<experiment>[-quick].json`)
 through `harness.py` and prints its table (`report.py`). `benchmarks/sharded_training.py`
@@ -39,6 +40,7 @@ EXPERIMENTS = {
     "natgrad": "experiments.natgrad",
     "architectures": "experiments.architectures",
     "train-cnn": "experiments.train_cnn",
+    "deep": "experiments.deep",
 }
 
 

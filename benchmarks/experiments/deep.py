@@ -1,0 +1,129 @@
+"""Deep residual PC networks on MNIST: muPC against the standard parameterisation.
+
+    python benchmarks/run.py deep [--depths 16,128] [--epochs 1] [--batch 32] [--width 32]
+        [--inference epc] [--inference-steps 16] [--state-step 0.01] [--lr 1e-3]
+        [--data-dir DIR] [--max-steps N]
+
+`pcjax.nn.ResNet(784, width, depth, 10, mupc=..., scan_layers=True)` (residual blocks scanned,
+so compilation does not grow with depth) trained with `pc.Equilibrium(pc.GradientDescent(T,
+step_size=a))` and Adam at the same learning rate for every depth and parameterisation (muPC's
+promise: the learning rate transfers across depth). `--inference epc` relaxes the prediction
+errors (`pc.error_parameterised`), `pc` the states (standard PC). Recorded per run: the test
+accuracy (feedforward prediction, 10,000 test images) after every epoch (and every
+`--eval-every` steps), seconds per epoch (training only), divergence (a non-finite energy
+stops the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import data as bdata
+import equinox as eqx
+import harness
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import pcjax as pc
+from pcjax import nn
+
+OUTPUT = "out"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", default="16,128", help="comma-separated residual depths")
+    parser.add_argument("--parameterisations", default="mupc,standard")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--inference", choices=["pc", "epc"], default="epc")
+    parser.add_argument("--inference-steps", type=int, default=16)
+    parser.add_argument("--state-step", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--max-steps", type=int, help="stop each run after this many steps")
+    parser.add_argument("--data-dir", help="MNIST directory (default $PCJAX_DATA)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    return harness.RESULTS / "deep.json"
+
+
+def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
+    x_train, y_train, x_test, y_test = data
+    model = nn.ResNet(
+        784, args.width, depth, 10, key=jax.random.PRNGKey(args.seed), mupc=mupc, scan_layers=True
+    )
+    fn = pc.error_parameterised(nn.call) if args.inference == "epc" else nn.call
+    solver = pc.GradientDescent(args.inference_steps, step_size=args.state_step)
+    optimizer = optax.adam(args.lr)
+    step = eqx.filter_jit(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    predict = eqx.filter_jit(lambda m, x: jnp.argmax(nn.call(m, x), -1))
+
+    def accuracy(m) -> float:
+        hits = [
+            np.asarray(predict(m, x_test[i : i + 2000])) == y_test[i : i + 2000]
+            for i in range(0, len(x_test), 2000)
+        ]
+        return float(np.mean(np.concatenate(hits)))
+
+    rng = np.random.default_rng(args.seed)
+    per_epoch = len(x_train) // args.batch
+    curve, epochs, done, diverged = [], [], 0, False
+    for epoch in range(args.epochs):
+        order = rng.permutation(len(x_train))
+        seconds = 0.0
+        for i in range(per_epoch):
+            if args.max_steps is not None and done >= args.max_steps:
+                break
+            idx = order[i * args.batch : (i + 1) * args.batch]
+            batch = (jnp.asarray(x_train[idx]), {OUTPUT: jnp.asarray(y_train[idx])})
+            start = time.perf_counter()
+            model, opt_state, info = step(model, opt_state, *batch)
+            diverged = bool(info.diverged)  # blocks: the step's time is complete
+            seconds += time.perf_counter() - start
+            done += 1
+            if diverged:
+                break
+            if done % args.eval_every == 0:
+                curve.append((done, accuracy(model)))
+        epochs.append({"epoch": epoch + 1, "seconds": seconds, "steps": done})
+        if diverged or (args.max_steps is not None and done >= args.max_steps):
+            break
+        epochs[-1]["test_accuracy"] = accuracy(model)
+        harness.log(
+            f"  depth {depth}, {'muPC' if mupc else 'standard'}: epoch {epoch + 1} test "
+            f"{epochs[-1]['test_accuracy']:.4f} ({seconds:.0f} s)"
+        )
+    final = None if diverged else accuracy(model)
+    harness.log(
+        f"depth {depth}, {'muPC' if mupc else 'standard'}: final {final}, diverged {diverged} "
+        f"after {done} steps"
+    )
+    return {"curve": curve, "epochs": epochs, "steps": done, "diverged": diverged, "final": final}
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    mnist = bdata.mnist(args.data_dir, fallback=False)
+    data = (
+        bdata.flat(mnist.x_train),
+        bdata.onehot(mnist.y_train),
+        jnp.asarray(bdata.flat(mnist.x_test)),
+        np.asarray(mnist.y_test),
+    )
+    depths = [int(d) for d in args.depths.split(",")]
+    kinds = args.parameterisations.split(",")
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "experiment")}
+    results = {
+        f"{kind} {depth}": train(args, depth, kind == "mupc", data)
+        for depth in depths
+        for kind in kinds
+    }
+    return config, {"runs": results}
