@@ -127,21 +127,33 @@ class Equilibrium(AbstractRule):
         self.solver = _check_solver(solver, "Equilibrium")
 
     def train(self, problem, params, opt_state, apply, key):
-        model, observed = problem.model, problem.observed
-        field = model.field(params, problem.x, observed, problem.spec)
-        start = model.to_variables(params, problem.x, observed, problem.free(problem.feedforward))
-        variables, steps, evaluations, energies = self.solver.run(
-            field, start, key=key, sample_axes=problem.sample_axes
-        )
-        states = model.to_states(params, problem.x, observed, variables)
-        value, param_grads, field_grads = model.gradients(
-            params, states, observed, problem.x, problem.spec, problem.precision
-        )
-        states, info = self.solver.report(
-            states, value, field_grads, steps, evaluations, energies, problem.sample_axes
-        )
+        start = problem.free(problem.feedforward)
+        states, param_grads, info = _relax(self.solver, problem, params, start, key)
         params, opt_state = apply(params, opt_state, param_grads, states)
         return params, opt_state, info
+
+
+def _relax(
+    solver: AbstractSolver, problem: Problem, params: Any, start: Nodes, key: Array | None
+) -> tuple[Nodes, Any, InferInfo]:
+    """Relax the free states from `start` with `solver` (in the model's inference variables),
+    then `(relaxed states, dF/dparams there, the solver's report)`."""
+    model, observed, x = problem.model, problem.observed, problem.x
+    field = model.field(params, x, observed, problem.spec)
+    variables, steps, evaluations, energies = solver.run(
+        field,
+        model.to_variables(params, x, observed, start),
+        key=key,
+        sample_axes=problem.sample_axes,
+    )
+    states = model.to_states(params, x, observed, variables)
+    value, param_grads, field_grads = model.gradients(
+        params, states, observed, x, problem.spec, problem.precision
+    )
+    states, info = solver.report(
+        states, value, field_grads, steps, evaluations, energies, problem.sample_axes
+    )
+    return states, param_grads, info
 
 
 class Nudged(AbstractRule):
@@ -339,16 +351,9 @@ class Amortised(AbstractRule):
         return dict(proposed)
 
     def train(self, problem, params, opt_state, apply, key):
-        model, observed, x = problem.model, problem.observed, problem.x
-        field = model.field(params, x, observed, problem.spec)
-        start = model.to_variables(params, x, observed, self.proposal(params, problem))
-        variables, steps, evaluations, energies = self.solver.run(
-            field, start, key=key, sample_axes=problem.sample_axes
-        )
-        states = model.to_states(params, x, observed, variables)
-        value, param_grads, field_grads = model.gradients(
-            params, states, observed, x, problem.spec, problem.precision
-        )
+        x, observed = problem.x, problem.observed
+        start = self.proposal(params, problem)
+        states, param_grads, info = _relax(self.solver, problem, params, start, key)
         targets = jax.lax.stop_gradient(states)
         diff, static = eqx.partition(params, eqx.is_inexact_array)
 
@@ -358,9 +363,6 @@ class Amortised(AbstractRule):
 
         amortiser_grads = jax.grad(amortisation_loss)(diff)
         grads = jax.tree.map(lambda g, a: g + self.weight * a, param_grads, amortiser_grads)
-        states, info = self.solver.report(
-            states, value, field_grads, steps, evaluations, energies, problem.sample_axes
-        )
         params, opt_state = apply(params, opt_state, grads, states)
         return params, opt_state, info
 
