@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -190,6 +191,53 @@ def summary(times: Sequence[float]) -> dict[str, float | int]:
 def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any]) -> float:
     """The ratio of two `summary` medians."""
     return numerator["median_s"] / denominator["median_s"]
+
+
+def time_to_target(
+    step: Callable[..., Any],
+    params: Any,
+    opt_state: Any,
+    train: tuple[np.ndarray, np.ndarray],
+    evaluate: Callable[[Any], float],
+    *,
+    batch: int,
+    epochs: int,
+    target: float,
+    checks_per_epoch: int = 4,
+    stop_at_target: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train `step(params, opt_state, x, y) -> (params, opt_state)` for `epochs` epochs of
+    shuffled batches (the order fixed by `seed`) and evaluate `evaluate(params)` (a test
+    accuracy) `checks_per_epoch` times an epoch.
+
+    Returns the steps and training seconds (evaluation excluded, `block_until_ready` after
+    every step) until the accuracy first reached `target` (None if never), the accuracy then,
+    the best and the final accuracy (the one at the last check, if `stop_at_target` cut the
+    run short)."""
+    x_train, y_train = train
+    rng = np.random.default_rng(seed)
+    per_epoch = len(x_train) // batch
+    check_every = max(per_epoch // checks_per_epoch, 1)
+    steps, elapsed, best, accuracy = 0, 0.0, 0.0, 0.0
+    reached: dict[str, Any] = {"steps": None, "seconds": None, "accuracy": None}
+    for _ in range(epochs):
+        order = rng.permutation(len(x_train))
+        for i in range(per_epoch):
+            index = order[i * batch : (i + 1) * batch]
+            start = time.perf_counter()
+            params, opt_state = step(params, opt_state, x_train[index], y_train[index])
+            jax.block_until_ready(params)
+            elapsed += time.perf_counter() - start
+            steps += 1
+            if steps % check_every == 0 or (i == per_epoch - 1):
+                accuracy = float(evaluate(params))
+                best = max(best, accuracy)
+                if accuracy >= target and reached["steps"] is None:
+                    reached = {"steps": steps, "seconds": elapsed, "accuracy": accuracy}
+                    if stop_at_target:
+                        return {**reached, "best": best, "final": accuracy}
+    return {**reached, "best": best, "final": accuracy, "total_seconds": elapsed}
 
 
 def time_once(call: Callable[[], Any]) -> tuple[Any, float]:

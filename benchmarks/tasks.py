@@ -15,6 +15,11 @@ as non-finite parameters):
 - `fpa`: the same with `pc.fixed_predictions(nn.call)`.
 - `epc`: the same with `pc.error_parameterised(nn.call)` (inference over the errors).
 - `ipc`: `pc.Incremental(T, step_size=a)` (a parameter update at each of the T steps).
+- `pc_fast`: the preset `pc.preset("fast", nn.call)`: ePC, one error step of size 1.
+- `bpc` (MLP tasks): `pc.bidirectional` of the network and top-down weights `V_i` predicting
+  each hidden layer's node from the activation of the layer above (down weight 0.1).
+- `amortised` (MLP tasks): `pc.Amortised` with an MLP of the same sizes (its own weights) whose
+  feedforward values propose the hidden states; the PC relaxation as in `pc`.
 - `pc_natgrad`: `pc` with `optax.chain(pc.natural_gradient("kronecker", damping=0.1,
   ema_decay=0.95, refresh_every=10, mask=pc.fisher_mask(...)), optax.sgd(cosine 0.05,
   momentum=0.9))`; convolutions pass through unpreconditioned.
@@ -34,7 +39,9 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import models
+import numpy as np
 import optax
 
 import pcjax as pc
@@ -134,13 +141,38 @@ def tasks(quick: bool) -> dict[str, Task]:
 # ---------------------------------------------------------------------------------------------
 # Algorithms
 
+BPC_DOWN_WEIGHT = 0.1  # bPC's top-down (generative) weight; the bottom-up one is 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
+    """`build(task, params, x, total_steps) -> (step, optimizer)`. `params` is the task's
+    network, or `(network, companion(network, key))` for an algorithm with a companion (bPC's
+    top-down weights, the amortiser); `network` is the energy its inference descends and
+    `forward` the tagged function over `params`, `start(params, x)` the initial free states
+    when not `forward`'s feedforward values (all three for the equilibrium count)."""
+
     name: str
     trained: bool  # False: timed only (the reference)
     build: Callable[[Task, Any, Any, int], tuple[Callable, optax.GradientTransformation]]
-    network: Any = nn.call  # the energy its inference descends (for the equilibrium count)
+    network: Any = nn.call
+    companion: Callable[[Any, Any], Any] | None = None
+    kinds: tuple[str, ...] = ("mlp", "cnn")  # the task kinds it applies to
+    forward: Callable[..., Any] = nn.call
+    start: Callable[[Any, Any], Any] | None = None  # the initial states, else `forward`'s
+
+    def params(self, model: Any, key: Any) -> Any:
+        return model if self.companion is None else (model, self.companion(model, key))
+
+
+def network_of(params: Any) -> Any:
+    """The task's network in `params` (the first of a `(network, companion)` pair)."""
+    return params[0] if isinstance(params, tuple) else params
+
+
+def on_network(params: Any, x: Any) -> Any:
+    """`nn.call` on the network of a `(network, companion)` pair."""
+    return nn.call(params[0], x)
 
 
 def adamw(task: Task, total_steps: int) -> optax.GradientTransformation:
@@ -211,6 +243,60 @@ def _pc_natgrad(task, model, x, total):
     return _pc_step(nn.call, rule, optimizer, models.output_node(model)), optimizer
 
 
+def _pc_fast(task, model, x, total):
+    optimizer = adamw(task, total)
+    network, rule = pc.preset("fast", nn.call)
+    return _pc_step(network, rule, optimizer, models.output_node(model)), optimizer
+
+
+def _top_down_weights(model: nn.MLP, key: Any) -> list[Any]:
+    """bPC's top-down weights of an MLP: `V_i` predicts layer i's output from layer i+1's,
+    normal with variance 1 / fan-in."""
+    outs = [layer.out_features for layer in model.layers]
+    keys = jax.random.split(key, len(outs) - 1)
+    return [
+        jax.random.normal(k, (above, below)) / np.sqrt(above)
+        for k, below, above in zip(keys, outs[:-1], outs[1:])
+    ]
+
+
+def _top_down(params: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """bPC's top-down predictions: layer i's node from the activation of layer i+1's."""
+    model, weights = params
+    names = [f"{model.prefix}{i}" for i in range(len(model.layers))]
+    return {
+        below: model.activation(values[above]) @ v
+        for below, above, v in zip(names[:-1], names[1:], weights)
+    }
+
+
+BPC = pc.bidirectional(on_network, _top_down, down_weight=BPC_DOWN_WEIGHT)
+
+
+def _bpc(task, params, x, total):
+    optimizer = adamw(task, total)
+    rule = pc.Equilibrium(gradient_descent(task))
+    return _pc_step(BPC, rule, optimizer, models.output_node(params[0])), optimizer
+
+
+def _amortiser_network(model: nn.MLP, key: Any) -> nn.MLP:
+    """The amortiser: an MLP of the network's sizes, its own initial weights."""
+    sizes = [model.layers[0].in_features] + [layer.out_features for layer in model.layers]
+    return nn.MLP(sizes, key=key)
+
+
+def amortised_proposal(params: Any, x: Any) -> dict[str, Any]:
+    """The amortiser's feedforward values of the network's hidden nodes."""
+    output = models.output_node(params[0])
+    return {k: v for k, v in pc.forward_init(nn.call, params[1], x).items() if k != output}
+
+
+def _amortised(task, params, x, total):
+    optimizer = adamw(task, total)
+    rule = pc.Amortised(gradient_descent(task), lambda p, x, observed: amortised_proposal(p, x))
+    return _pc_step(on_network, rule, optimizer, models.output_node(params[0])), optimizer
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -220,6 +306,18 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("epc", True, _epc, pc.error_parameterised(nn.call)),
         Algorithm("ipc", True, _ipc),
         Algorithm("pc_natgrad", True, _pc_natgrad),
+        Algorithm("pc_fast", True, _pc_fast, pc.preset("fast", nn.call)[0]),
+        Algorithm("bpc", True, _bpc, BPC, _top_down_weights, kinds=("mlp",), forward=on_network),
+        Algorithm(
+            "amortised",
+            True,
+            _amortised,
+            on_network,
+            _amortiser_network,
+            kinds=("mlp",),
+            forward=on_network,
+            start=amortised_proposal,
+        ),
         Algorithm("reference", False, _reference),
     )
 }

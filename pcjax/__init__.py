@@ -10,7 +10,13 @@ from ._energy import cross_entropy, energy, prediction_errors
 from ._inference import infer
 from ._langevin import LangevinState, langevin
 from ._learning import param_grads, train_step
-from ._models import Context, error_parameterised, fixed_predictions, preconditioned
+from ._models import (
+    Context,
+    bidirectional,
+    error_parameterised,
+    fixed_predictions,
+    preconditioned,
+)
 from ._natural import (
     FisherOperator,
     KroneckerFactors,
@@ -28,6 +34,7 @@ from ._precision import (
     error_moments,
     update_precision_ema,
 )
+from ._presets import preset
 from ._rules import (
     Amortised,
     Equilibrium,
@@ -59,6 +66,7 @@ __all__ = [
     "Precision",
     "ScalarPrecision",
     "TrainInfo",
+    "bidirectional",
     "checkpoint_metadata",
     "cross_device_mean",
     "cross_entropy",
@@ -84,6 +92,7 @@ __all__ = [
     "precision_weighted_gradient",
     "preconditioned",
     "prediction_errors",
+    "preset",
     "replicate",
     "save_checkpoint",
     "shard_batch",

@@ -283,7 +283,8 @@ def energy(
 
     **Arguments:**
 
-    - `fn`: the tagged forward function `fn(params, x)`.
+    - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it
+      (`pcjax.fixed_predictions`, `pcjax.bidirectional`, ...: its energy at these states).
     - `params`: its parameters (any pytree, e.g. an equinox module).
     - `states`: dict of the free (latent) node states.
     - `x`: the input of `fn` (any pytree, or None).
@@ -296,8 +297,11 @@ def energy(
 
     **Returns:** the scalar energy, summed over nodes and batch.
     """
-    values, checked = checked_values(fn, params, states, x, observed, precision)
-    return node_energy(fn, params, values, x, checked)
+    from ._models import as_model  # _models builds on this module
+
+    model = as_model(fn, "pcjax.energy")
+    values, checked = checked_values(model.fn, params, states, x, observed, precision)
+    return model.energy(params, values, x, checked)
 
 
 def prediction_errors(

@@ -66,7 +66,7 @@ class EnergyModel(eqx.Module):
         """`variables -> (energy, field)` at fixed parameters: the standard energy's
         `states -> (energy, dF/dstates)`."""
         return jax.value_and_grad(
-            lambda states: node_energy(self.fn, params, {**states, **observed}, x, spec)
+            lambda states: self.energy(params, {**states, **observed}, x, spec)
         )
 
     def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
@@ -93,7 +93,7 @@ class EnergyModel(eqx.Module):
         def joint(diff, states):
             params = eqx.combine(diff, static)
             spec_now = current_spec(learnable, params, spec)
-            return node_energy(self.fn, params, {**states, **observed}, x, spec_now)
+            return self.energy(params, {**states, **observed}, x, spec_now)
 
         value, (param_grads, state_grads) = jax.value_and_grad(joint, (0, 1))(diff, states)
         return value, param_grads, state_grads
@@ -229,6 +229,110 @@ class ErrorParameterised(EnergyModel):
         return value, param_grads, field
 
 
+class Bidirectional(EnergyModel):
+    r"""Bidirectional PC (bPC): the bottom-up energy of `fn` plus top-down prediction errors.
+    Made by `pcjax.bidirectional(up, down)`; see its docstring."""
+
+    down: Callable[..., Any] = eqx.field(static=True)
+    up_weight: float
+    down_weight: float
+
+    def top_down_energy(self, params: Any, values: Nodes) -> Array:
+        r"""$\tfrac12 \sum_i \lVert x_i - \nu_i \rVert^2$ over the nodes that `down`
+        predicts (unweighted)."""
+        predicted = self.down(params, dict(values))
+        if not isinstance(predicted, Mapping) or not predicted:
+            raise ValueError(
+                "pcjax.bidirectional: `down(params, values)` must return a non-empty dict "
+                f"mapping node names to top-down predictions, got {type(predicted).__name__}."
+            )
+        terms = []
+        for name, nu in predicted.items():
+            if name not in values:
+                raise ValueError(
+                    f"pcjax.bidirectional: `down` predicts {name!r}, which is not a node of the "
+                    f"bottom-up function (nodes: {sorted(values)}); tag the input as a node to "
+                    "predict it."
+                )
+            if jnp.shape(nu) != jnp.shape(values[name]):
+                raise ValueError(
+                    f"pcjax.bidirectional: `down`'s prediction of node {name!r} has shape "
+                    f"{jnp.shape(nu)}, the node's value has shape {jnp.shape(values[name])}."
+                )
+            terms.append(0.5 * jnp.sum(jnp.square(values[name] - nu)))
+        return sum(terms[1:], terms[0])
+
+    def energy(self, params, values, x, spec):
+        up = node_energy(self.fn, params, values, x, spec)
+        return self.up_weight * up + self.down_weight * self.top_down_energy(params, values)
+
+
+def bidirectional(
+    up: Callable[..., Any],
+    down: Callable[..., Any],
+    *,
+    up_weight: float = 1.0,
+    down_weight: float = 1.0,
+) -> Bidirectional:
+    r"""Bidirectional predictive coding (bPC; Oliviers, Tang & Bogacz 2025, "Bidirectional
+    predictive coding"): a discriminative (bottom-up) and a generative (top-down) network
+    sharing their nodes.
+
+    $$F = \alpha_{\text{up}}\, F_{\text{up}}(x) + \alpha_{\text{down}} \sum_{i \in
+    \text{down}} \tfrac12 \lVert x_i - \nu_i(x) \rVert^2,$$
+
+    where $F_{\text{up}}$ is the energy of the tagged function `up(params, x)` (its node
+    precisions and custom energies included) and $\nu = $ `down(params, values)` are top-down
+    predictions computed from the dict of every node's value (free and observed), e.g.
+    $\nu_l = V_l\, f(x_{l+1})$ from the layer above. Inference relaxes all free nodes on both
+    terms (initialised by `up`'s feedforward pass, bPC's bottom-up sweep) and learning takes
+    $\partial F / \partial \theta$ for the parameters of both networks, which may share one
+    pytree. To predict the data itself, tag the input as a node in `up` with a zero energy,
+    `img = pcjax.node("image", x, energy=lambda state, mu: 0.0)`, and let `down` predict
+    `"image"`: observed, it is clamped to the data (classification); free, it is inferred
+    (generation from a clamped label).
+
+    **Arguments:** `up`: the tagged bottom-up function; `down`: `(params, values) -> dict`
+    of top-down predictions for some of `up`'s nodes, each of its node's shape;
+    `up_weight`, `down_weight`: $\alpha_{\text{up}}, \alpha_{\text{down}} \geq 0$ (bPC's
+    $\alpha_{\text{disc}}, \alpha_{\text{gen}}$).
+
+    Works with `pcjax.infer`, `pcjax.energy`, `pcjax.param_grads`, `pcjax.Equilibrium`,
+    `pcjax.Incremental`, `pcjax.Amortised` and `pcjax.preconditioned` (each node's whole field
+    times the inverse of its `up` precision). `pcjax.fixed_predictions`,
+    `pcjax.error_parameterised`, `pcjax.Nudged` and the Fisher statistics of
+    `pcjax.natural_gradient` / `precision_weighted_gradient` refuse it.
+    """
+    if isinstance(up, EnergyModel) or not callable(up):
+        raise TypeError(
+            "pcjax.bidirectional: `up` must be a tagged forward function fn(params, x), got "
+            f"{type(up).__name__}; transform the bidirectional model instead "
+            "(pcjax.preconditioned(pcjax.bidirectional(up, down)))."
+        )
+    if not callable(down):
+        raise TypeError(
+            f"pcjax.bidirectional: `down` must be a function (params, values) -> dict, got "
+            f"{type(down).__name__}."
+        )
+    for name, weight in (("up_weight", up_weight), ("down_weight", down_weight)):
+        if not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(
+                f"pcjax.bidirectional: `{name}` must be a non-negative number, got {weight!r}."
+            )
+    return Bidirectional(up, down, float(up_weight), float(down_weight))
+
+
+def refuse_non_standard(
+    model: EnergyModel, where: str, what: str, allowed: tuple[type, ...] = ()
+) -> None:
+    """Raise unless `model` (under preconditioning) is the standard energy of its function
+    (or one of the `allowed` transformations)."""
+    if type(model.base) not in (EnergyModel, *allowed):
+        raise ValueError(
+            f"{where}: the network is transformed by {type(model.base).__name__}; {what}."
+        )
+
+
 def precondition_grads(spec: Mapping[str, Any], grads: Nodes) -> Nodes:
     r"""$P_i^{-1} \partial F / \partial x_i$ for every node with a precision; nodes with a
     custom energy (no precision) and unit-precision nodes keep their gradient."""
@@ -273,6 +377,12 @@ def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:
         )
     if isinstance(model, Preconditioned):
         return Preconditioned(fixed_predictions(model.model))  # type: ignore[return-value]
+    refuse_non_standard(
+        model,
+        "pcjax.fixed_predictions",
+        "FPA transforms the standard energy only",
+        allowed=(FixedPredictions,),
+    )
     return FixedPredictions(model.fn)
 
 
@@ -315,11 +425,9 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
     model = as_model(fn, "pcjax.error_parameterised")
     if isinstance(model, Preconditioned):
         return Preconditioned(error_parameterised(model.model))
-    if isinstance(model, (FixedPredictions, ErrorParameterised)):
-        raise ValueError(
-            f"pcjax.error_parameterised: the network is already transformed by "
-            f"{type(model).__name__}; ePC transforms the standard energy only."
-        )
+    refuse_non_standard(
+        model, "pcjax.error_parameterised", "ePC transforms the standard energy only"
+    )
     return ErrorParameterised(model.fn)
 
 

@@ -363,6 +363,14 @@ def _diagonal_solve(grad: Array, factors: KroneckerFactors, damping: Array) -> A
 def context_statistics(context: Any, mode: str) -> Any:
     """`fisher_statistics` of the given mode at the linearisation point of a training step's
     `pcjax.Context`."""
+    from ._models import Bidirectional  # _models imports what this module does
+
+    if isinstance(context.model.base, Bidirectional):
+        raise ValueError(
+            "pcjax: Fisher statistics (natural_gradient, precision_weighted_gradient) of a "
+            "bidirectional (bPC) network are not implemented: they would leave out its "
+            "top-down network; use a first-order optimizer such as optax.adam."
+        )
     states, observed = context.linearisation_point()
     return fisher_statistics(
         context.model.fn,

@@ -38,7 +38,14 @@ import jax.numpy as jnp
 import optax
 
 from ._energy import Precision, batch_size, checked_values
-from ._models import Context, EnergyModel, ErrorParameterised, FixedPredictions, as_model
+from ._models import (
+    Bidirectional,
+    Context,
+    EnergyModel,
+    ErrorParameterised,
+    FixedPredictions,
+    as_model,
+)
 from ._nudging import MODES, nudged_gradients
 from ._solvers import (
     DIVERGED_MESSAGE,
@@ -185,6 +192,11 @@ class Nudged(AbstractRule):
             raise ValueError(
                 "pcjax.Nudged: nudging with error-parameterised inference (ePC) is not "
                 "implemented; use pcjax.Equilibrium or pcjax.Incremental with it."
+            )
+        if isinstance(model.base, Bidirectional):
+            raise ValueError(
+                "pcjax.Nudged: nudging a bidirectional (bPC) network is not implemented; use "
+                "pcjax.Equilibrium or pcjax.Incremental with it."
             )
         if isinstance(model.base, FixedPredictions):
             raise ValueError(

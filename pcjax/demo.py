@@ -123,6 +123,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--state-step-size", type=float, default=0.1, help="SGD step for the states"
     )
+    parser.add_argument(
+        "--preset",
+        choices=["fast", "standard"],
+        default=None,
+        help="a named PC configuration (pcjax.preset) in place of --inference-steps and "
+        "--state-step-size; 'fast': ePC with one inference step",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -148,7 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 # The settings a checkpoint must agree with to be resumed.
 RESUME_KEYS = ("epochs", "hidden", "inference_steps", "state_step_size", "lr", "batch_size")
-RESUME_KEYS += ("seed", "no_backprop")
+RESUME_KEYS += ("seed", "no_backprop", "preset")
 
 
 def resume(args: argparse.Namespace, runs: dict, rng: np.random.Generator) -> int:
@@ -193,19 +200,22 @@ def main(argv: Sequence[str] | None = None) -> float:
     batch = min(args.batch_size, len(x_train))
     batches_per_epoch = len(x_train) // batch
     label = "h2"
+    inference_name = f"preset {args.preset}" if args.preset else f"T={args.inference_steps}"
     print(
         f"{data.name}: {len(x_train)} train / {len(x_test)} test; MLP {x_train.shape[1]}-"
-        f"{args.hidden}-{args.hidden}-10, T={args.inference_steps}, batch {batch}, "
+        f"{args.hidden}-{args.hidden}-10, {inference_name}, batch {batch}, "
         f"{args.epochs} epochs on {jax.devices()[0].platform}"
     )
 
     optimizer = optax.adamw(
         optax.cosine_decay_schedule(args.lr, args.epochs * batches_per_epoch), weight_decay=1e-4
     )
-    inference = pc.GradientDescent(args.inference_steps, step_size=args.state_step_size)
-    pc_step = jax.jit(
-        pc.make_train_step(mlp, pc.Equilibrium(inference), optimizer), donate_argnums=(0, 1)
-    )
+    if args.preset is None:
+        inference = pc.GradientDescent(args.inference_steps, step_size=args.state_step_size)
+        network, rule = mlp, pc.Equilibrium(inference)
+    else:
+        network, rule = pc.preset(args.preset, mlp)
+    pc_step = jax.jit(pc.make_train_step(network, rule, optimizer), donate_argnums=(0, 1))
     bp_step = jax.jit(backprop_step(optimizer), donate_argnums=(0, 1))
     init = init_mlp(jax.random.PRNGKey(args.seed), [x_train.shape[1], args.hidden, args.hidden, 10])
     runs = {"PC": [pc_step, init, None], "backprop": [bp_step, init, None]}

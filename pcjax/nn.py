@@ -24,6 +24,8 @@ Builders (per-sample input shapes in brackets):
   then dense layers; convolution nodes are `(batch, H, W, C)`.
 - `ResNet` (`(in,)`): residual MLP blocks (a node with two parents; optional muPC branch
   scaling); `scan_layers=True` stacks the blocks and applies them with `lax.scan`.
+- `ResidualMLP` (`(in,)`): muPC's residual network, one dense layer per branch, in the full
+  muPC parameterisation (or the standard one), blocks in a `lax.scan`.
 - `LSTM`, `GRU` (`(time, features)`): `eqx.nn.LSTMCell` / `eqx.nn.GRUCell` run over time with
   `lax.scan` (nodes stacked over time), or unrolled in Python with `scan=False` (a node per time
   step).
@@ -61,6 +63,7 @@ __all__ = [
     "Conv2d",
     "Linear",
     "ResNet",
+    "ResidualMLP",
     "Transformer",
     "TransformerBlock",
     "call",
@@ -346,9 +349,12 @@ class ResNet(eqx.Module):
     nodes are then `block_hidden` and `block`, stacked: `(depth, batch, width)`. Compilation
     time then does not grow with the depth.
 
-    With `mupc=True` the branch is scaled by $s = 1/\\sqrt{N L}$ (width N, depth L), the muPC
-    parameterisation for deep residual PC networks (Innocenti et al. 2025, "muPC: scaling
-    predictive coding to 100+ layer networks"); otherwise `branch_scale` (default 1).
+    With `mupc=True` the branch is scaled by $s = 1/\\sqrt{N L}$ (width N, depth L), muPC's
+    branch multiplier (Innocenti et al. 2025, "muPC: scaling predictive coding to 100+ layer
+    networks"), on this block's fan-in-scaled two-layer branches; otherwise `branch_scale`
+    (default 1). The branches then start small (each adds O(1/sqrt(N L)) to the stream). The
+    full muPC parameterisation (unit-variance weights, input and output multipliers, one-layer
+    branches) is `ResidualMLP`.
     """
 
     stem: Linear
@@ -394,6 +400,78 @@ class ResNet(eqx.Module):
             for b, block in enumerate(self.blocks):
                 h = block(h, scale, f"block{b}_hidden", f"block{b}")
         return node("out", self.head(jax.nn.relu(h)), energy=self.output_energy)
+
+
+PARAMETERISATIONS = ("mupc", "standard")
+
+
+class ResidualMLP(eqx.Module):
+    r"""muPC's residual MLP (Innocenti et al. 2025, "muPC: scaling predictive coding to 100+
+    layer networks"), one dense layer per residual branch, no biases:
+
+    $$h_0 = a\, W_{\text{in}} x, \qquad h_{l} = h_{l-1} + b\, W_l\, \mathrm{relu}(h_{l-1})
+    \;(l = 1..L), \qquad \text{out} = c\, W_{\text{out}}\, \mathrm{relu}(h_L).$$
+
+    `parameterisation="mupc"`: weights $\mathcal N(0, 1)$ and multipliers $a = 1/\sqrt{D}$
+    (input size D), $b = 1/\sqrt{N L}$ (width N, L blocks), $c = 1/N$, so that the residual
+    stream stays O(1) at any depth and the learning rate transfers across width and depth.
+    `"standard"`: weights $\mathcal N(0, 1/\text{fan-in})$, multipliers 1 (the residual stream
+    then grows geometrically with depth).
+
+    Nodes: `stem` ($h_0$), `block` (the $h_l$, stacked by the `lax.scan` over the blocks:
+    `(L, batch, width)`; each block output predicted from the block before it) and `out`.
+    One sample: `(in_features,)`.
+    """
+
+    stem: Array
+    blocks: Array
+    head: Array
+    multipliers: tuple[float, float, float] = eqx.field(static=True)
+    output_energy: Callable | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_features: int,
+        width: int,
+        depth: int,
+        out_features: int,
+        *,
+        key: Array,
+        parameterisation: str = "mupc",
+        output_energy: Callable | None = None,
+        dtype: Any = None,
+    ):
+        if depth < 1:
+            raise ValueError(f"pcjax.nn.ResidualMLP: `depth` must be at least 1, got {depth}.")
+        if parameterisation not in PARAMETERISATIONS:
+            raise ValueError(
+                f"pcjax.nn.ResidualMLP: `parameterisation` must be one of {PARAMETERISATIONS}, "
+                f"got {parameterisation!r}."
+            )
+        dtype = _float_dtype(dtype)
+        mupc = parameterisation == "mupc"
+        k_stem, k_blocks, k_head = jax.random.split(key, 3)
+        # muPC: unit-variance weights (fan-in 1); standard: variance 1 / fan-in.
+        self.stem = _normal(k_stem, (width, in_features), 1 if mupc else in_features, dtype)
+        self.blocks = _normal(k_blocks, (depth, width, width), 1 if mupc else width, dtype)
+        self.head = _normal(k_head, (out_features, width), 1 if mupc else width, dtype)
+        self.multipliers = (
+            (1 / math.sqrt(in_features), 1 / math.sqrt(width * depth), 1 / width)
+            if mupc
+            else (1.0, 1.0, 1.0)
+        )
+        self.output_energy = output_energy
+
+    def __call__(self, x: Array) -> Array:
+        _check_sample("ResidualMLP", x, 1, "(in_features,)")
+        a, b, c = self.multipliers
+        h = node("stem", a * (self.stem @ x))
+
+        def block(h: Array, weight: Array) -> tuple[Array, None]:
+            return node("block", h + b * (weight @ jax.nn.relu(h))), None
+
+        h, _ = lax.scan(block, h, self.blocks)
+        return node("out", c * (self.head @ jax.nn.relu(h)), energy=self.output_energy)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ ARCHITECTURES = {
     "resnet": lambda k: (nn.ResNet(6, 8, 3, 3, key=k), (5, 6)),
     "resnet_mupc": lambda k: (nn.ResNet(6, 8, 3, 3, key=k, mupc=True), (5, 6)),
     "resnet_scan": lambda k: (nn.ResNet(6, 8, 3, 3, key=k, scan_layers=True), (5, 6)),
+    "residual_mlp": lambda k: (nn.ResidualMLP(6, 8, 3, 3, key=k), (5, 6)),
     "lstm": lambda k: (nn.LSTM(3, 6, 3, key=k), (4, 5, 3)),
     "lstm_gates": lambda k: (nn.LSTM(3, 6, 3, key=k, nodes="op"), (4, 5, 3)),
     "lstm_unrolled": lambda k: (nn.LSTM(3, 6, 3, key=k, scan=False), (4, 5, 3)),
@@ -107,6 +108,7 @@ def test_fixed_predictions_equal_backprop(architecture):
     grads = fixed_prediction_grads(model, x, output, y)
     # measured: gru 5.8e-8, gru_ops 2.2e-7, gru_unrolled 4.5e-8, lstm 2.1e-8, lstm_gates 3.4e-7,
     # lstm_unrolled 5.9e-8, mlp 8.9e-8, resnet 6.1e-8, resnet_mupc 6.9e-8, resnet_scan 8.3e-8,
+    # residual_mlp 1.1e-7,
     # transformer 2.2e-7, transformer_ops 2.3e-7, transformer_scan 2.8e-7,
     # transformer_stack 1.7e-7, vgg 1.1e-7
     assert rel_error(grads, squared_error_grads(model, x, y)) < 1e-4, name
@@ -316,6 +318,27 @@ def test_mupc_keeps_deep_residual_activity_stable():
         scales[mupc] = float(jnp.std(nodes["block"][-1]) / jnp.std(nodes["stem"]))
     np.testing.assert_allclose(nn.ResNet(4, 16, 4, 2, key=KEY, mupc=True).branch_scale, 1 / 8)
     assert 0.5 < scales[True] < 2.0 and scales[False] > 100.0, scales
+
+
+def test_residual_mlp_parameterisations():
+    """The full muPC parameterisation keeps the stream and the output O(1) at depth 64 (input
+    multiplier 1/sqrt(D), branches 1/sqrt(N L), output 1/N on unit-variance weights); the
+    standard one (variance 1/fan-in, multipliers 1) blows both up."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+    growth, output = {}, {}
+    for kind in ("mupc", "standard"):
+        model = nn.ResidualMLP(16, 32, 64, 4, key=KEY, parameterisation=kind)
+        nodes = forward(model, x)
+        growth[kind] = float(jnp.std(nodes["block"][-1]) / jnp.std(nodes["stem"]))
+        output[kind] = float(jnp.std(nodes["out"]))
+    # measured: mupc 1.32 and 0.13; standard 1.3e6 and 2.6e5
+    assert 0.5 < growth["mupc"] < 2.0 and output["mupc"] < 1.0, (growth, output)
+    assert growth["standard"] > 1e3 and output["standard"] > 1e3, (growth, output)
+    mupc = nn.ResidualMLP(16, 32, 64, 4, key=KEY)
+    np.testing.assert_allclose(mupc.multipliers, (1 / 4, 1 / np.sqrt(32 * 64), 1 / 32))
+    np.testing.assert_allclose(float(jnp.std(mupc.blocks)), 1.0, rtol=0.02)
+    with pytest.raises(ValueError, match="`parameterisation` must be one of"):
+        nn.ResidualMLP(16, 32, 4, 4, key=KEY, parameterisation="mup")
 
 
 CROSS_ENTROPY = {

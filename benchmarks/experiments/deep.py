@@ -1,17 +1,25 @@
 """Deep residual PC networks on MNIST: muPC against the standard parameterisation.
 
     python benchmarks/run.py deep [--depths 16,128] [--epochs 1] [--batch 32] [--width 32]
-        [--inference epc] [--inference-steps 16] [--state-step 0.01] [--lr 1e-3]
-        [--data-dir DIR] [--max-steps N]
+        [--inference epc] [--inference-steps 16] [--state-step 0.01] [--lr 1e-3] [--cosine]
+        [--network ResidualMLP] [--data-dir DIR] [--max-steps N]
 
-`pcjax.nn.ResNet(784, width, depth, 10, mupc=..., scan_layers=True)` (residual blocks scanned,
-so compilation does not grow with depth) trained with `pc.Equilibrium(pc.GradientDescent(T,
-step_size=a))` and Adam at the same learning rate for every depth and parameterisation (muPC's
-promise: the learning rate transfers across depth). `--inference epc` relaxes the prediction
-errors (`pc.error_parameterised`), `pc` the states (standard PC). Recorded per run: the test
-accuracy (feedforward prediction, 10,000 test images) after every epoch (and every
-`--eval-every` steps), seconds per epoch (training only), divergence (a non-finite energy
-stops the run).
+`pcjax.nn.ResidualMLP(784, width, depth, 10, parameterisation="mupc" | "standard")` (muPC's
+network; `--network ResNet`: `pcjax.nn.ResNet(..., mupc=..., scan_layers=True)`), its blocks
+in one `lax.scan` so that compilation does not grow with depth, trained with
+`pc.Equilibrium(pc.GradientDescent(T, step_size=a))` and Adam (optionally cosine-decayed) at
+the same learning rate for every depth and parameterisation (muPC's promise: the learning rate
+transfers across depth). `--inference epc` relaxes the prediction errors
+(`pc.error_parameterised`), `pc` the states (standard PC). Recorded per run: the test accuracy
+(feedforward prediction, 10,000 test images) after every epoch (and every `--eval-every`
+steps), seconds per epoch (training only), divergence (a non-finite energy stops the run).
+
+`--step-over-depth` divides the state step by the depth. In ePC's error coordinates an offset
+shared by every block moves the top of the residual stream depth times as far (the field's
+largest curvature grows like the depth), so a fixed step that is stable at 16 blocks overshoots
+at 128, and the curvature grows further as the output weights grow in training (measured at 128
+blocks, Adam 0.01: one error step of 1.0 diverges, 0.1 stalls at 27%, 0.5 / 128 reaches 95%
+and then oscillates down to 77%, 0.25 / 128 trains smoothly).
 """
 
 from __future__ import annotations
@@ -44,11 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference", choices=["pc", "epc"], default="epc")
     parser.add_argument("--inference-steps", type=int, default=16)
     parser.add_argument("--state-step", type=float, default=0.01)
+    parser.add_argument(
+        "--step-over-depth",
+        action="store_true",
+        help="use state step / depth (ePC: the stable step shrinks like 1 / depth)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--cosine", action="store_true", help="decay the learning rate to 0 over the run"
+    )
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--max-steps", type=int, help="stop each run after this many steps")
     parser.add_argument("--data-dir", help="MNIST directory (default $PCJAX_DATA)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--network",
+        choices=["ResidualMLP", "ResNet"],
+        default="ResidualMLP",
+        help="pcjax.nn.ResidualMLP (muPC's network) or pcjax.nn.ResNet (two-layer branches)",
+    )
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -57,15 +79,22 @@ def default_out(args: argparse.Namespace) -> Path:
 
 def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     x_train, y_train, x_test, y_test = data
-    model = nn.ResNet(
-        784, args.width, depth, 10, key=jax.random.PRNGKey(args.seed), mupc=mupc, scan_layers=True
-    )
-    fn = pc.error_parameterised(nn.call) if args.inference == "epc" else nn.call
-    solver = pc.GradientDescent(args.inference_steps, step_size=args.state_step)
-    optimizer = optax.adam(args.lr)
+    key = jax.random.PRNGKey(args.seed)
+    if args.network == "ResNet":
+        model = nn.ResNet(784, args.width, depth, 10, key=key, mupc=mupc, scan_layers=True)
+    else:
+        kind = "mupc" if mupc else "standard"
+        model = nn.ResidualMLP(784, args.width, depth, 10, key=key, parameterisation=kind)
+    net = nn.call
+    fn = pc.error_parameterised(net) if args.inference == "epc" else net
+    state_step = args.state_step / depth if args.step_over_depth else args.state_step
+    solver = pc.GradientDescent(args.inference_steps, step_size=state_step)
+    per_epoch = len(x_train) // args.batch
+    total = args.epochs * per_epoch if args.max_steps is None else args.max_steps
+    optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, total) if args.cosine else args.lr)
     step = eqx.filter_jit(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    predict = eqx.filter_jit(lambda m, x: jnp.argmax(nn.call(m, x), -1))
+    predict = eqx.filter_jit(lambda m, x: jnp.argmax(net(m, x), -1))
 
     def accuracy(m) -> float:
         hits = [
@@ -75,7 +104,6 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         return float(np.mean(np.concatenate(hits)))
 
     rng = np.random.default_rng(args.seed)
-    per_epoch = len(x_train) // args.batch
     curve, epochs, done, diverged = [], [], 0, False
     for epoch in range(args.epochs):
         order = rng.permutation(len(x_train))

@@ -21,7 +21,6 @@ batch 128):
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -115,27 +114,20 @@ def methods(args, sizes) -> dict[str, tuple[Any, optax.GradientTransformation]]:
 def time_to_target(compiled, optimizer, data, args, sizes) -> dict[str, Any]:
     x_train, y_train, x_test, y_test = data
     params = init(sizes)
-    opt_state = optimizer.init(params)
     predict = jax.jit(lambda p, x: jnp.argmax(mlp(p, x), -1))
-    rng = np.random.default_rng(0)
-    per_epoch = len(x_train) // args.batch
-    check_every = max(per_epoch // 4, 1)
-    steps, elapsed, best = 0, 0.0, 0.0
-    for _ in range(args.epochs):
-        order = rng.permutation(len(x_train))
-        for i in range(per_epoch):
-            index = order[i * args.batch : (i + 1) * args.batch]
-            start = time.perf_counter()
-            params, opt_state = compiled(params, opt_state, x_train[index], y_train[index])
-            jax.block_until_ready(params)
-            elapsed += time.perf_counter() - start
-            steps += 1
-            if steps % check_every == 0:
-                accuracy = float(jnp.mean(predict(params, x_test) == y_test))
-                best = max(best, accuracy)
-                if accuracy >= args.target:
-                    return {"steps": steps, "seconds": elapsed, "accuracy": accuracy}
-    return {"steps": None, "seconds": None, "accuracy": best}
+    row = harness.time_to_target(
+        compiled,
+        params,
+        optimizer.init(params),
+        (x_train, y_train),
+        lambda p: jnp.mean(predict(p, x_test) == y_test),
+        batch=args.batch,
+        epochs=args.epochs,
+        target=args.target,
+        stop_at_target=True,
+    )
+    accuracy = row["best"] if row["steps"] is None else row["accuracy"]
+    return {"steps": row["steps"], "seconds": row["seconds"], "accuracy": accuracy}
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -104,9 +104,10 @@ def time_steps(task, data, algorithms, repeats, steps: Steps) -> dict[str, dict[
     y = jnp.asarray(bdata.onehot(data.y_train[: task.batch]))
     loops, compiled = {}, {}
     for name in algorithms:
-        compiled[name], optimizer = steps.get(task, name, model, x, y, training_steps(task, data))
-        opt_state = optimizer.init(models.trainable(model))
-        loops[name] = harness.Loop(compiled[name].call, (model, opt_state), (x, y))
+        params = tasks.ALGORITHMS[name].params(model, jax.random.PRNGKey(1))
+        compiled[name], optimizer = steps.get(task, name, params, x, y, training_steps(task, data))
+        opt_state = optimizer.init(models.trainable(params))
+        loops[name] = harness.Loop(compiled[name].call, (params, opt_state), (x, y))
     times = harness.interleave(loops, repeats)
     result = {}
     for name in algorithms:
@@ -151,6 +152,7 @@ def train(task, data, algorithm: str, seed: int, steps: Steps) -> dict[str, Any]
     model = models.network(
         data.x_train.shape[1:], task.channels, task.hidden, jax.random.PRNGKey(seed)
     )
+    params = tasks.ALGORITHMS[algorithm].params(model, jax.random.PRNGKey(1000 + seed))
     x_train = models.inputs_for(model, data.x_train)
     x_test = models.inputs_for(model, data.x_test)
     per_epoch = len(x_train) // task.batch
@@ -159,13 +161,13 @@ def train(task, data, algorithm: str, seed: int, steps: Steps) -> dict[str, Any]
     compiled, optimizer = steps.get(
         task,
         algorithm,
-        model,
+        params,
         jnp.asarray(x_train[: task.batch]),
         jnp.asarray(onehot[: task.batch]),
         total,
     )
     step = compiled.call
-    opt_state = optimizer.init(models.trainable(model))
+    opt_state = optimizer.init(models.trainable(params))
     rng = np.random.default_rng(seed)
     curve, seconds, done, diverged = [], 0.0, 0, False
     while done < total and not diverged:
@@ -173,15 +175,16 @@ def train(task, data, algorithm: str, seed: int, steps: Steps) -> dict[str, Any]
         start = time.perf_counter()
         for i in range(per_epoch):
             index = order[i * task.batch : (i + 1) * task.batch]
-            model, opt_state = step(model, opt_state, x_train[index], onehot[index])
+            params, opt_state = step(params, opt_state, x_train[index], onehot[index])
             done += 1
             if done % task.eval_every == 0 or i == per_epoch - 1:
-                jax.block_until_ready(model)
+                jax.block_until_ready(params)
                 seconds += time.perf_counter() - start  # training time only, not evaluation
-                if not finite(model):
+                if not finite(params):
                     diverged = True
                     break
-                curve.append((done, seconds, accuracy(model, x_test, data.y_test)))
+                network = tasks.network_of(params)
+                curve.append((done, seconds, accuracy(network, x_test, data.y_test)))
                 start = time.perf_counter()
     reached = next(((s, t) for s, t, a in curve if a >= task.target), (None, None))
     result = {
@@ -195,7 +198,7 @@ def train(task, data, algorithm: str, seed: int, steps: Steps) -> dict[str, Any]
     if algorithm != "backprop" and seed == 0 and not diverged:
         y = bdata.onehot(data.y_test[: task.batch])
         result["equilibrium_steps"] = equilibrium_steps(
-            task, model, x_test[: task.batch], y, tasks.ALGORITHMS[algorithm].network
+            task, params, x_test[: task.batch], y, tasks.ALGORITHMS[algorithm]
         )
     return result
 
@@ -206,13 +209,19 @@ def finite(model) -> bool:
     )
 
 
-def equilibrium_steps(task, model, x, y, fn) -> int | None:
-    """Updates of `fn`'s inference variables (states; ePC: errors) until every sample's field
-    falls to 1e-3 of the largest per-sample field norm at the feedforward pass (label clamped,
-    the training state step), or None if not within 500."""
-    output = models.output_node(model)
+def equilibrium_steps(task, params, x, y, algorithm: tasks.Algorithm) -> int | None:
+    """Updates of the algorithm's inference variables (states; ePC: errors) until every
+    sample's field falls to 1e-3 of the largest per-sample field norm at the start (the
+    feedforward pass, or the amortiser's proposal; label clamped, the training state step), or
+    None if not within 500."""
+    output = models.output_node(tasks.network_of(params))
     observed = {output: jnp.asarray(y)}
-    states = {k: v for k, v in pc.forward_init(nn.call, model, x).items() if k != output}
+    model, fn = params, algorithm.network
+    if algorithm.start is not None:
+        states = algorithm.start(params, x)
+    else:
+        states = pc.forward_init(algorithm.forward, params, x)
+        states = {k: v for k, v in states.items() if k != output}
     # tol = inf: no update; the report is the field at the feedforward pass.
     at_start = pc.GradientDescent(1, step_size=task.state_step, tol=float("inf"))
     _, start = pc.infer(fn, model, states, x, observed, solver=at_start)
@@ -273,13 +282,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         if args.max_steps is not None:
             task = dataclasses.replace(task, eval_every=min(task.eval_every, args.max_steps))
         data = load_task_data(task, args, args.max_steps)
+        applicable = [a for a in algorithms if task.kind in tasks.ALGORITHMS[a].kinds]
         harness.log(f"{name}: {task.description} on {data.name} ({len(data.x_train)} train)")
         entry = {
             "description": task.description,
             "data": data.name,
             "target": task.target,
             "config": dataclasses.asdict(task),
-            "timing": time_steps(task, data, algorithms, repeats, steps),
+            "timing": time_steps(task, data, applicable, repeats, steps),
             # the device's peak so far in this process (GPU/TPU; None on a CPU)
             "device_peak_memory_bytes": harness.device_peak_memory(),
         }
@@ -290,7 +300,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             )
         if not args.speed_only:
             entry["runs"], entry["training"] = {}, {}
-            for algorithm in algorithms:
+            for algorithm in applicable:
                 if not tasks.ALGORITHMS[algorithm].trained:
                     continue
                 runs = [train(task, data, algorithm, seed, steps) for seed in range(seeds)]
