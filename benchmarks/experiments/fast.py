@@ -35,11 +35,12 @@ class Candidate(NamedTuple):
     epc: bool  # error-parameterised inference, else standard PC
     steps: int
     step_size: float
+    preset: str | None = None  # built by `pc.preset` (its settings are the fields above)
 
     def configuration(self, fn):
         """`(model, rule)` for `pc.make_train_step`."""
-        if self.name.endswith("(preset fast)"):
-            return pc.preset("fast", fn)
+        if self.preset is not None:
+            return pc.preset(self.preset, fn)
         rule = pc.Equilibrium(pc.GradientDescent(self.steps, step_size=self.step_size))
         return (pc.error_parameterised(fn) if self.epc else fn), rule
 
@@ -51,7 +52,7 @@ CANDIDATES = {
         Candidate("PC T=4 step 0.5", False, 4, 0.5),
         Candidate("PC T=2 step 1.0", False, 2, 1.0),
         Candidate("PC T=2 step 0.5", False, 2, 0.5),
-        Candidate("ePC T=1 step 1.0 (preset fast)", True, 1, 1.0),
+        Candidate("ePC T=1 step 1.0 (preset fast)", True, 1, 1.0, preset="fast"),
         Candidate("ePC T=1 step 0.5", True, 1, 0.5),
         Candidate("ePC T=2 step 0.5", True, 2, 0.5),
     )

@@ -216,18 +216,18 @@ def equilibrium_steps(task, params, x, y, algorithm: tasks.Algorithm) -> int | N
     None if not within 500."""
     output = models.output_node(tasks.network_of(params))
     observed = {output: jnp.asarray(y)}
-    model, fn = params, algorithm.network
+    fn = algorithm.network
     if algorithm.start is not None:
         states = algorithm.start(params, x)
     else:
         states = pc.forward_init(algorithm.forward, params, x)
         states = {k: v for k, v in states.items() if k != output}
-    # tol = inf: no update; the report is the field at the feedforward pass.
+    # tol = inf: no update; the report is the field at the start.
     at_start = pc.GradientDescent(1, step_size=task.state_step, tol=float("inf"))
-    _, start = pc.infer(fn, model, states, x, observed, solver=at_start)
+    _, start = pc.infer(fn, params, states, x, observed, solver=at_start)
     tol = EQUILIBRIUM_RTOL * float(start.grad_norm)
     solver = pc.GradientDescent(EQUILIBRIUM_MAX_STEPS, step_size=task.state_step, tol=tol)
-    _, info = pc.infer(fn, model, states, x, observed, solver=solver)
+    _, info = pc.infer(fn, params, states, x, observed, solver=solver)
     count = int(info.steps)
     return count if count < EQUILIBRIUM_MAX_STEPS else None
 
