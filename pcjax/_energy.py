@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._harvest import GRAPH_PRECISION
 from ._precision import Precision as PrecisionModule
 from ._precision import _concrete, logdet_term, weigh
-from ._tagging import Nodes, node_energies, predictions, run_tagged
+from ._tagging import Nodes, node_energies, predicted_with_precisions, run_tagged
 
 Array = jax.Array
 #: `precision` arguments: a dict of node name -> precision, or a function of the parameters
@@ -179,23 +180,39 @@ def cross_entropy(state: Array, logits: Array) -> Array:
     return -jnp.sum(state * jax.nn.log_softmax(logits, axis=-1))
 
 
-def node_term(spec: Any, state: Array, prediction: Array) -> Array:
+def node_term(spec: Any, state: Array, prediction: Array, precision: Array | None = None) -> Array:
     """One node's energy: its custom energy, or the Gaussian
-    $\\tfrac12 e^\\top P e - \\tfrac N2 \\log\\det P$ (the log-det for precision modules)."""
+    $\\tfrac12 e^\\top P e - \\tfrac N2 \\log\\det P$ (the log-det for precision modules);
+    with an in-graph `precision` $p$ (elementwise, computed by the network),
+    $\\tfrac12 \\sum p\\, e^2 - \\tfrac12 \\sum \\log p$."""
     if isinstance(spec, CustomEnergy):
         return spec.function(state, prediction)
     error = state - prediction
+    if spec is GRAPH_PRECISION:
+        precision = precision.astype(error.dtype)
+        return 0.5 * jnp.sum(precision * jnp.square(error)) - 0.5 * jnp.sum(jnp.log(precision))
     if spec is None:  # unit precision: the simplest gradient, just the error
         return 0.5 * jnp.sum(jnp.square(error))
     return 0.5 * jnp.sum(error * weigh(spec, error)) + logdet_term(spec, error)
 
 
 def total_energy(
-    values: Mapping[str, Array], predicted: Mapping[str, Array], spec: Mapping[str, Any]
+    values: Mapping[str, Array],
+    predicted: Mapping[str, Array],
+    spec: Mapping[str, Any],
+    precisions: Mapping[str, Array] | None = None,
 ) -> Array:
     """$F = \\sum_i F_i(x_i, \\mu_i)$ over every predicted node; `spec` maps node names to
-    precisions or `CustomEnergy` (missing: unit-precision Gaussian)."""
-    terms = [node_term(spec.get(name), values[name], mu) for name, mu in predicted.items()]
+    precisions, `CustomEnergy` or `GRAPH_PRECISION` (missing: unit-precision Gaussian), and
+    `precisions` holds the in-graph precisions of the `GRAPH_PRECISION` nodes."""
+    precisions = precisions or {}
+    missing = sorted(k for k in predicted if spec.get(k) is GRAPH_PRECISION and k not in precisions)
+    if missing:
+        raise AssertionError(f"pcjax internal: no in-graph precision for node(s) {missing}")
+    terms = [
+        node_term(spec.get(name), values[name], mu, precisions.get(name))
+        for name, mu in predicted.items()
+    ]
     return sum(terms[1:], terms[0])
 
 
@@ -203,7 +220,7 @@ def current_spec(precision: Precision | None, params: Any, checked: Mapping[str,
     """The node specs for `params`: precisions learned with the parameters are re-read from
     them (custom energies kept); otherwise the checked specs."""
     if callable(precision) and not isinstance(precision, Mapping):
-        customs = {k: v for k, v in checked.items() if isinstance(v, CustomEnergy)}
+        customs = {k: v for k, v in checked.items() if is_own_energy(v)}
         return {**resolve_precision(precision, params), **customs}
     return dict(checked)
 
@@ -242,13 +259,32 @@ def checked_values(
     predicted, customs = node_energies(fn, params, values, x)
     check_partition(predicted, values)
     checked = check_precision(resolve_precision(precision, params), predicted)
-    clash = sorted(set(checked) & set(customs))
+    in_graph = sorted(k for k, f in customs.items() if f is GRAPH_PRECISION)
+    clash = sorted(set(checked) & set(customs) - set(in_graph))
     if clash:
         raise ValueError(
             f"pcjax: node(s) {clash} have a custom energy (pcjax.node(..., energy=...)) and "
             "take no precision."
         )
-    return values, {**checked, **{k: CustomEnergy(f) for k, f in customs.items()}}
+    clash = sorted(set(checked) & set(in_graph))
+    if clash:
+        raise ValueError(
+            f"pcjax: node(s) {clash} compute their precision in the function "
+            "(pcjax.node(..., precision=...)); do not also pass one in `precision`."
+        )
+    own = {k: f if f is GRAPH_PRECISION else CustomEnergy(f) for k, f in customs.items()}
+    return values, {**checked, **own}
+
+
+def is_own_energy(spec: Any) -> bool:
+    """Whether a node spec is the node's own (a custom energy or an in-graph precision) rather
+    than a precision passed to pcjax."""
+    return isinstance(spec, CustomEnergy) or spec is GRAPH_PRECISION
+
+
+def in_graph_nodes(spec: Mapping[str, Any]) -> list[str]:
+    """The nodes whose precision the function computes (`pcjax.node(..., precision=)`)."""
+    return sorted(k for k, v in spec.items() if v is GRAPH_PRECISION)
 
 
 def node_energy(
@@ -259,7 +295,8 @@ def node_energy(
     precision: Mapping[str, Any],
 ) -> Array:
     """The energy for already validated node values and precisions (the inner-loop form)."""
-    return total_energy(values, predictions(fn, params, values, x), precision)
+    predicted, in_graph = predicted_with_precisions(fn, params, values, x)
+    return total_energy(values, predicted, precision, in_graph)
 
 
 def energy(

@@ -45,24 +45,35 @@ __all__ = ["harvest", "node_p", "tag", "tagged_nodes"]
 
 Energy = Callable[[Array, Array], Array]
 
+
+class _GraphPrecision:
+    def __repr__(self) -> str:
+        return "GRAPH_PRECISION"
+
+
+#: What `tagged_nodes` reports as the energy of a node tagged with an in-graph precision.
+GRAPH_PRECISION = _GraphPrecision()
+
 # --------------------------------------------------------------------------------------------
 # The primitive.
 
 node_p = core.Primitive("pcjax_node")
-"""`pcjax_node[name, energy](x) = x`: tags `x` as the prediction of the PC node `name`.
+"""`pcjax_node[name, energy](x[, p]) = x`: tags `x` as the prediction of the PC node `name`.
 
 `energy` is the node's custom energy `(state, prediction) -> scalar`, or None (Gaussian); it
 travels in the equation's parameters, so it is found even in a nested jit with a warm cache.
+The optional second operand `p` (same shape as `x`) is the node's precision computed by the
+function itself (`pcjax.node(..., precision=p)`); the output does not depend on it.
 """
 
 
-def _node_impl(x: Array, **params: Any) -> Array:
-    del params
+def _node_impl(x: Array, *precision: Array, **params: Any) -> Array:
+    del precision, params
     return x
 
 
-def _node_abstract_eval(aval: Any, **params: Any) -> Any:
-    del params
+def _node_abstract_eval(aval: Any, *precision: Any, **params: Any) -> Any:
+    del precision, params
     return aval
 
 
@@ -71,20 +82,25 @@ def _node_batch(args: Sequence[Array], dims: Sequence[Any], **params: Any) -> tu
 
     So a node under `jax.vmap` has a state and a prediction of shape `(batch, *shape)`, whatever
     axis the batch happened to sit on inside the traced program (nested vmaps: outermost first).
+    An in-graph precision follows the value; an operand without the batch axis is broadcast.
     """
-    (x,), (dim,) = args, dims
-    return node_p.bind(jnp.moveaxis(x, dim, 0), **params), 0
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [
+        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        for a, d in zip(args, dims)
+    ]
+    return node_p.bind(*moved, **params), 0
 
 
 def _node_jvp(primals: Sequence[Array], tangents: Sequence[Any], **params: Any):
-    """Tag the primal; the tangent passes through untouched (d tag(x) / dx = I)."""
-    (x,), (t,) = primals, tangents
-    return node_p.bind(x, **params), t
+    """Tag the primal; the value's tangent passes through untouched (d tag(x) / dx = I; the
+    output does not depend on an in-graph precision)."""
+    return node_p.bind(*primals, **params), tangents[0]
 
 
-def _node_transpose(ct: Any, x: Any, **params: Any) -> list[Any]:
-    del x, params
-    return [ct]
+def _node_transpose(ct: Any, *args: Any, **params: Any) -> list[Any]:
+    del params
+    return [ct, *(None for _ in args[1:])]
 
 
 node_p.def_impl(_node_impl)
@@ -92,16 +108,17 @@ node_p.def_abstract_eval(_node_abstract_eval)
 batching.primitive_batchers[node_p] = _node_batch
 ad.primitive_jvps[node_p] = _node_jvp
 ad.primitive_transposes[node_p] = _node_transpose
-mlir.register_lowering(node_p, lambda ctx, x, **_: [x])
+mlir.register_lowering(node_p, lambda ctx, x, *_, **__: [x])
 
 
-def tag(name: str, value: Any, *, energy: Energy | None = None) -> Array:
+def tag(name: str, value: Any, *, energy: Energy | None = None, precision: Any = None) -> Array:
     """Tag `value` as the prediction of the PC node `name`; returns `value`.
 
     Outside `harvest` this is the identity (under any JAX transformation). Inside `harvest`
     the value is recorded and, if the node has a state, the state is used downstream instead.
     `energy`, a function `(state, prediction) -> scalar`, replaces the Gaussian energy of the
-    node (reported by `tagged_nodes`).
+    node (reported by `tagged_nodes`). `precision`, an array broadcastable to `value`, is the
+    node's precision computed in the function (recorded by `harvest(..., precisions=True)`).
     """
     if not isinstance(name, str):
         raise TypeError(f"pcjax.node: the node name must be a str, got {name!r}.")
@@ -117,7 +134,31 @@ def tag(name: str, value: Any, *, energy: Energy | None = None) -> Array:
             f"pcjax.node: the energy of node {name!r} must be a function "
             f"(state, prediction) -> scalar, got {type(energy).__name__}."
         )
-    return node_p.bind(jnp.asarray(value), name=name, energy=energy)
+    value = jnp.asarray(value)
+    if precision is None:
+        return node_p.bind(value, name=name, energy=energy)
+    if energy is not None:
+        raise ValueError(
+            f"pcjax.node: node {name!r} has a custom energy and a precision; a precision "
+            "belongs to the Gaussian energy (put it inside the custom energy instead)."
+        )
+    precision = jnp.asarray(precision)
+    if not jnp.issubdtype(precision.dtype, jnp.floating):
+        raise TypeError(
+            f"pcjax.node: the precision of node {name!r} must be a floating-point array, got "
+            f"dtype {precision.dtype}."
+        )
+    try:
+        fits = jnp.broadcast_shapes(precision.shape, value.shape) == value.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"pcjax.node: the precision of node {name!r} has shape {precision.shape}, which "
+            f"does not broadcast to the node's prediction of shape {value.shape}."
+        )
+    precision = jnp.broadcast_to(precision.astype(value.dtype), value.shape)
+    return node_p.bind(value, precision, name=name, energy=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +208,7 @@ class _Nodes:
         self.avals: dict[str, jax.ShapeDtypeStruct] = {}
         self.energies: dict[str, Energy] = {}
         self.scan_depth: dict[str, int] = {}
+        self.with_precision: set[str] = set()  # nodes tagged with an in-graph precision
         self._inside: dict[int, tuple[core.Jaxpr, frozenset[str]]] = {}
         self._walk(jaxpr, ())
 
@@ -190,6 +232,8 @@ class _Nodes:
                 self._add(eqn.params["name"], eqn.invars[0].aval, lead)
                 if eqn.params["energy"] is not None:
                     self.energies[eqn.params["name"]] = eqn.params["energy"]
+                if len(eqn.invars) > 1:
+                    self.with_precision.add(eqn.params["name"])
                 continue
             subs = [sub for sub, _ in _subjaxprs(eqn)]
             names = frozenset().union(*map(self.inside, subs))
@@ -249,6 +293,7 @@ class _Harvester:
         self.offsets = offsets or {}
         self.record_dtype = record_dtype
         self.predictions: dict[str, Array] = {}
+        self.precisions: dict[str, Array] = {}  # in-graph precisions (`tag(..., precision=)`)
         # Dense layers whose inputs to record (`pcjax._dense`): node name -> site.
         self.record = record or {}
         self.inputs: dict[str, Array] = {}
@@ -264,12 +309,13 @@ class _Harvester:
             {n: self.offsets[n] for n in sorted(names) if n in self.offsets},
         )
 
-    def results(self) -> tuple[dict[str, Array], dict[str, Array]]:
-        return self.predictions, self.inputs
+    def results(self) -> tuple[dict[str, Array], dict[str, Array], dict[str, Array]]:
+        return self.predictions, self.inputs, self.precisions
 
-    def merge(self, results: tuple[Mapping[str, Array], Mapping[str, Array]]) -> None:
+    def merge(self, results: tuple[Mapping[str, Array], ...]) -> None:
         self.predictions.update(results[0])
         self.inputs.update(results[1])
+        self.precisions.update(results[2])
 
     def run(self, jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
         env: dict[core.Var, Any] = {}
@@ -292,7 +338,7 @@ class _Harvester:
     def eqn(self, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
         name = eqn.primitive.name
         if eqn.primitive is node_p:
-            return [self.visit(eqn.params["name"], invals[0])]
+            return [self.visit(eqn.params["name"], *invals)]
         subs = list(_subjaxprs(eqn))
         if not any(self.nodes.inside(sub) for sub, _ in subs):
             params = eqn.primitive.get_bind_params(eqn.params)
@@ -307,12 +353,15 @@ class _Harvester:
             return self.scan(eqn, invals)
         raise AssertionError(f"unreachable: {name}")  # _Nodes rejected it already
 
-    def visit(self, name: str, value: Array) -> Array:
-        """Record `value` as the prediction of `name`; return the node's state if it has one."""
+    def visit(self, name: str, value: Array, precision: Array | None = None) -> Array:
+        """Record `value` as the prediction of `name` (and its in-graph `precision`, if any);
+        return the node's state if it has one."""
         recorded = value
         if self.record_dtype is not None and jnp.issubdtype(value.dtype, jnp.inexact):
             recorded = value.astype(self.record_dtype)
         self.predictions[name] = recorded
+        if precision is not None:
+            self.precisions[name] = precision.astype(recorded.dtype)
         if name in self.offsets:
             return value + self.offsets[name].astype(value.dtype)
         if name not in self.states:
@@ -439,8 +488,11 @@ def _record_dtype(record_dtype: Any) -> Any:
 
 
 def harvest(
-    fn: Callable[..., Any], *, record_dtype: Any | Callable[[], Any] = None
-) -> Callable[..., tuple[Any, dict[str, Array]]]:
+    fn: Callable[..., Any],
+    *,
+    record_dtype: Any | Callable[[], Any] = None,
+    precisions: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
     """`fn` with its node states substituted and its node predictions returned.
 
     `harvest(fn)(values, *args)` evaluates `fn(*args)`; each node tagged in it records its
@@ -461,6 +513,10 @@ def harvest(
     error parameterisation: the offset is the node's prediction error); they must not also be
     in `values`.
 
+    `precisions=True`: return `(output, predictions, precisions)`, the last mapping every node
+    tagged with an in-graph precision (`tag(..., precision=p)`) to that precision, stacked and
+    batched like its prediction and in its dtype.
+
     `values` may be `None` (no substitution). The returned function works under `jax.jit`,
     `jax.grad` and `jax.vmap`. Array leaves of `args` are traced; other leaves are static.
     """
@@ -479,7 +535,10 @@ def harvest(
         harvester = _Harvester(nodes, states, dtype, offsets=offsets)
         outs = harvester.run(closed.jaxpr, closed.consts, arrays)
         predictions = {name: harvester.predictions[name] for name in nodes.avals}
-        return jax.tree.unflatten(out_tree, outs), predictions
+        out = jax.tree.unflatten(out_tree, outs)
+        if precisions:
+            return out, predictions, dict(harvester.precisions)
+        return out, predictions
 
     return wrapped
 
@@ -493,9 +552,10 @@ def tagged_nodes(
     """`tagged_nodes(fn)(*args)`: the nodes of `fn(*args)`, from a trace (nothing is computed).
 
     **Returns:** every node's (stacked) shape and dtype, in program order; the custom energies
-    of the nodes tagged with one; and every node's number of enclosing scans (its leading
-    stacked axes). Given `values` (and `record_dtype`, as for `harvest`), the states are
-    checked against the nodes as `harvest` checks them, in the same trace.
+    of the nodes tagged with one (`GRAPH_PRECISION` for the nodes tagged with an in-graph
+    precision); and every node's number of enclosing scans (its leading stacked axes). Given
+    `values` (and `record_dtype`, as for `harvest`), the states are checked against the nodes
+    as `harvest` checks them, in the same trace.
     """
 
     def wrapped(*args: Any):
@@ -503,6 +563,7 @@ def tagged_nodes(
         nodes = _Nodes(closed.jaxpr)
         if values is not None:
             _check_states(nodes, values, _record_dtype(record_dtype))
-        return dict(nodes.avals), dict(nodes.energies), dict(nodes.scan_depth)
+        energies = {**dict(nodes.energies), **dict.fromkeys(nodes.with_precision, GRAPH_PRECISION)}
+        return dict(nodes.avals), energies, dict(nodes.scan_depth)
 
     return wrapped

@@ -39,9 +39,22 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._energy import CustomEnergy, Precision, current_spec, node_energy, total_energy
+from ._energy import (
+    CustomEnergy,
+    Precision,
+    current_spec,
+    in_graph_nodes,
+    node_energy,
+    total_energy,
+)
 from ._precision import solve
-from ._tagging import Nodes, forward_init, offset_predictions, predictions
+from ._tagging import (
+    Nodes,
+    forward_init,
+    offset_predictions,
+    predicted_with_precisions,
+    predictions,
+)
 
 Array = jax.Array
 StateField = Callable[[Nodes], tuple[Array, Nodes]]
@@ -114,12 +127,15 @@ class FixedPredictions(EnergyModel):
 
     def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
         feedforward = forward_init(self.fn, params, x)
-        frozen, vjp = jax.vjp(lambda v: predictions(self.fn, params, v, x), feedforward)
+        frozen, vjp = jax.vjp(
+            lambda v: predicted_with_precisions(self.fn, params, v, x), feedforward
+        )
 
         def value_and_grad(states: Nodes) -> tuple[Array, Nodes]:
-            # dF/dx_i = (own term)_i + sum_c J_c(x_hat)^T dF_c/dmu_c, with mu frozen at x_hat.
+            # dF/dx_i = (own term)_i + sum_c J_c(x_hat)^T dF_c/dmu_c, with mu (and in-graph
+            # precisions) frozen at x_hat.
             value, (own, cotangent) = jax.value_and_grad(
-                lambda v, mu: total_energy(v, mu, spec), (0, 1)
+                lambda v, mu: total_energy(v, mu[0], spec, mu[1]), (0, 1)
             )({**states, **observed}, frozen)
             (back,) = vjp(cotangent)
             return value, {name: own[name] + back[name] for name in states}
@@ -127,21 +143,24 @@ class FixedPredictions(EnergyModel):
         return value_and_grad
 
     def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
-        frozen = predictions(self.fn, params, forward_init(self.fn, params, x), x)
-        return total_energy(values, frozen, spec)
+        mu, in_graph = predicted_with_precisions(
+            self.fn, params, forward_init(self.fn, params, x), x
+        )
+        return total_energy(values, mu, spec, in_graph)
 
     def gradients(self, params, states, observed, x, spec, learnable):
         diff, static = eqx.partition(params, eqx.is_inexact_array)
         feedforward = forward_init(self.fn, params, x)
         # One linearisation at the feedforward pass serves the parameters and the states.
         frozen, vjp = jax.vjp(
-            lambda d, v: predictions(self.fn, eqx.combine(d, static), v, x), diff, feedforward
+            lambda d, v: predicted_with_precisions(self.fn, eqx.combine(d, static), v, x),
+            diff,
+            feedforward,
         )
 
         def terms(values, mu, diff):  # learned precisions also enter the energy directly
-            return total_energy(
-                values, mu, current_spec(learnable, eqx.combine(diff, static), spec)
-            )
+            spec_now = current_spec(learnable, eqx.combine(diff, static), spec)
+            return total_energy(values, mu[0], spec_now, mu[1])
 
         value, (own, cotangent, direct) = jax.value_and_grad(terms, (0, 1, 2))(
             {**states, **observed}, frozen, diff
@@ -216,9 +235,9 @@ class ErrorParameterised(EnergyModel):
     def field(self, params, x, observed, spec):
         def energy_of_errors(errors: Nodes) -> Array:
             # One forward pass: each free node hands on mu + e, each observed node its value.
-            mu = offset_predictions(self.fn, params, x, errors, observed)
+            mu, in_graph = predicted_with_precisions(self.fn, params, observed, x, errors)
             states = {k: mu[k].astype(e.dtype) + e for k, e in errors.items()}
-            return total_energy({**states, **observed}, mu, spec)
+            return total_energy({**states, **observed}, mu, spec, in_graph)
 
         return jax.value_and_grad(energy_of_errors)
 
@@ -336,6 +355,12 @@ def refuse_non_standard(
 def precondition_grads(spec: Mapping[str, Any], grads: Nodes) -> Nodes:
     r"""$P_i^{-1} \partial F / \partial x_i$ for every node with a precision; nodes with a
     custom energy (no precision) and unit-precision nodes keep their gradient."""
+    in_graph = in_graph_nodes(spec)
+    if in_graph:
+        raise ValueError(
+            f"pcjax.preconditioned: node(s) {in_graph} compute their precision in the "
+            "function (pcjax.node(..., precision=...)); preconditioning by it is not supported."
+        )
     return {
         k: solve(spec[k], g)
         if spec.get(k) is not None and not isinstance(spec[k], CustomEnergy)
@@ -406,15 +431,15 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
     Exponential Signal Decay in Deep Predictive Coding Networks") as a transformation of the
     energy of `fn`.
 
-    Inference descends $F$ over the free nodes' prediction errors $arepsilon$: the states are
-    $x_i = \mu_i(x_{	ext{parents}}) + arepsilon_i$ in topological order (observed nodes
-    clamped), and the field $\partial F(x(arepsilon)) / \partial arepsilon$ is a backward
+    Inference descends $F$ over the free nodes' prediction errors $\varepsilon$: the states are
+    $x_i = \mu_i(x_{\text{parents}}) + \varepsilon_i$ in topological order (observed nodes
+    clamped), and the field $\partial F(x(\varepsilon)) / \partial \varepsilon$ is a backward
     pass through the whole network, so the output error reaches every layer in one step (in
-    standard PC it travels one layer per step and decays on the way). At $arepsilon = 0$
+    standard PC it travels one layer per step and decays on the way). At $\varepsilon = 0$
     (the feedforward pass) the field of a free Gaussian node is the backprop gradient of the
     observed nodes' energy with respect to it. The fixed points are standard PC's (the map
-    $arepsilon \mapsto x$ is triangular with identity diagonal blocks), and learning takes
-    $\partial F / \partial 	heta$ at the relaxed states, as standard PC does.
+    $\varepsilon \mapsto x$ is triangular with identity diagonal blocks), and learning takes
+    $\partial F / \partial \theta$ at the relaxed states, as standard PC does.
 
     `pcjax.infer` and the learning rules take and return states; the solver runs on the errors
     (start: the given states' errors, zero at the feedforward pass), and `InferInfo.grad_norm`

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from ._dense import dense_inputs, dense_sites
-from ._energy import CustomEnergy, Precision, batch_size, checked_values
+from ._energy import CustomEnergy, Precision, batch_size, checked_values, in_graph_nodes
 from ._precision import dense_matrix, weigh
 from ._sharding import _device_mean
 from ._tagging import predictions, scan_depths
@@ -123,6 +123,13 @@ def fisher_statistics(
     if mode not in MODES:
         raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
     values, checked = checked_values(fn, params, dict(states), x, observed, precision)
+    in_graph = in_graph_nodes(checked)
+    if in_graph:
+        raise ValueError(
+            f"pcjax.fisher_statistics: node(s) {in_graph} compute their precision in the "
+            "function (pcjax.node(..., precision=...)); the Fisher here needs precisions that "
+            "do not depend on the states, so natural gradients do not support them."
+        )
     custom = sorted(k for k, v in checked.items() if isinstance(v, CustomEnergy))
     if custom:
         raise ValueError(
@@ -270,7 +277,7 @@ class NaturalGradientState(NamedTuple):
     """`count` of updates; running `factors` (EMA) and their cached `inverse` forms per leaf
     (None without a `mask`, and for the leaves the mask leaves out); for `"matrix_free"`, the
     conjugate-gradient iterations of the last update and the relative residual
-    $\\lVert (G + \\lambda I) u - g \rVert / \\lVert g \rVert$ they reached (its
+    $\\lVert (G + \\lambda I) u - g \\rVert / \\lVert g \\rVert$ they reached (its
     convergence report; None in the other modes)."""
 
     count: Array

@@ -37,7 +37,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._energy import CustomEnergy, Precision, current_spec, node_energy, node_term
+from ._energy import (
+    CustomEnergy,
+    Precision,
+    current_spec,
+    in_graph_nodes,
+    node_energy,
+    node_term,
+)
 from ._models import EnergyModel, Preconditioned, precondition_grads
 from ._solvers import AbstractSolver, InferInfo
 
@@ -69,6 +76,13 @@ def nudged_gradients(
     precisions). `model` is the standard energy, possibly preconditioned.
     """
     diff, static = eqx.partition(params, eqx.is_inexact_array)
+    in_graph = sorted(set(in_graph_nodes(checked)) & set(targets))
+    if in_graph:
+        raise ValueError(
+            f"pcjax.Nudged: output node(s) {in_graph} compute their precision in the function "
+            "(pcjax.node(..., precision=...)); nudging them is not supported (use "
+            "pcjax.Equilibrium, which clamps them)."
+        )
 
     def internal_spec(spec):
         # Free outputs have a Gaussian energy of their own (with their precision, if any);

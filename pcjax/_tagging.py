@@ -48,7 +48,11 @@ _active_hook: contextvars.ContextVar[_DtypeHook | None] = contextvars.ContextVar
 
 
 def node(
-    name: str, value: Array, *, energy: Callable[[Array, Array], Array] | None = None
+    name: str,
+    value: Array,
+    *,
+    energy: Callable[[Array, Array], Array] | None = None,
+    precision: Array | None = None,
 ) -> Array:
     r"""Tag `value` as the prediction of the PC node `name`.
 
@@ -66,6 +70,15 @@ def node(
       over the batch), replacing the default Gaussian $\tfrac12 e^\top P e$; e.g.
       `pcjax.cross_entropy` for a label node whose prediction is logits. Such nodes take no
       precision and no natural gradient.
+    - `precision`: the node's precision computed by the function itself, an array that
+      broadcasts to `value` (e.g. per sample and feature, or `(batch, 1)` per sample), which
+      must be positive (e.g. `jnp.exp(log_p)` or `jax.nn.softplus(s)` of a network output).
+      The node's energy is then the heteroscedastic Gaussian
+      $\tfrac12 \sum p\,(x - \mu)^2 - \tfrac12 \sum \log p$ (summed over all entries), so
+      the parameters that compute $p$ learn from the same energy as the rest (attention-like,
+      input-dependent precision). Such a node takes no `precision=` argument elsewhere; the
+      natural gradient, `pcjax.preconditioned` and nudging it with `pcjax.Nudged` refuse it.
+      With `pcjax.fixed_predictions`, $p$ is frozen at the feedforward pass like $\mu$.
 
     **Returns:** `value`, or the node's state when pcjax substitutes states.
 
@@ -81,7 +94,7 @@ def node(
     - a node inside `lax.while_loop`, `lax.cond` / `switch`, a `custom_jvp` / `custom_vjp`
       function or `shard_map` raises a `ValueError` naming the node and the construct.
     """
-    return tag(name, value, energy=energy)
+    return tag(name, value, energy=energy, precision=precision)
 
 
 def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
@@ -124,17 +137,29 @@ def run_tagged(
     `values` names a node the function does not tag, or if it tags none. The function is traced
     and interpreted (`pcjax._harvest`).
     """
+    out, predictions, _ = _harvested(fn, params, x, values, offsets)
+    return out, predictions
+
+
+def _harvested(
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    values: Mapping[str, Array] | None,
+    offsets: Mapping[str, Array] | None = None,
+) -> tuple[Any, Nodes, Nodes]:
+    """`run_tagged`, also returning the in-graph precisions (`pcjax.node(..., precision=)`)."""
     hook = _DtypeHook()  # collects `mixed_precision`'s dtypes while `fn` is traced
     token = _active_hook.set(hook)
     try:
-        out, predictions = harvest(fn, record_dtype=lambda: _state_dtype(hook))(
-            values, params, x, offsets=offsets
-        )
+        out, predictions, precisions = harvest(
+            fn, record_dtype=lambda: _state_dtype(hook), precisions=True
+        )(values, params, x, offsets=offsets)
     finally:
         _active_hook.reset(token)
     if not predictions:
         raise ValueError(NO_NODE)
-    return out, predictions
+    return out, predictions, precisions
 
 
 def _state_dtype(hook: _DtypeHook) -> Any:
@@ -193,9 +218,23 @@ def offset_predictions(
     observed: Mapping[str, Array],
 ) -> Nodes:
     r"""Every node's prediction in the forward pass where each node in `errors` takes the
-    value $\mu_i + arepsilon_i$ and each node in `observed` its observed value (the error
+    value $\mu_i + \varepsilon_i$ and each node in `observed` its observed value (the error
     parameterisation, `pcjax.error_parameterised`)."""
     return run_tagged(fn, params, x, observed, errors)[1]
+
+
+def predicted_with_precisions(
+    fn: Callable[..., Any],
+    params: Any,
+    values: Mapping[str, Array],
+    x: Any,
+    errors: Mapping[str, Array] | None = None,
+) -> tuple[Nodes, Nodes]:
+    """`(predictions, in-graph precisions)`: as `predictions` (or, given `errors`, as
+    `offset_predictions` with `values` the observed nodes), with the precisions that nodes
+    tagged with `pcjax.node(..., precision=p)` compute in the same pass."""
+    _, predicted, precisions = _harvested(fn, params, x, values, errors)
+    return predicted, precisions
 
 
 def mixed_precision(

@@ -265,3 +265,21 @@ def test_bad_unroll_is_rejected(problem, unroll):
     params, x, observed, latent = problem
     with pytest.raises(ValueError, match="unroll"):
         pc.infer(mlp, params, latent, x, observed, steps=3, unroll=unroll)
+
+
+def test_docstrings_hold_no_control_characters():
+    """Regression: LaTeX such as `\\varepsilon` or `\\text` in a non-raw docstring became a
+    vertical tab / tab (`pcjax.error_parameterised` rendered "arepsilon", "ext")."""
+    import inspect
+
+    names = [getattr(pc, name) for name in pc.__all__] + [
+        getattr(pc.nn, name) for name in getattr(pc.nn, "__all__", [])
+    ]
+    bad = []
+    for obj in names:
+        members = [obj] + [m for _, m in inspect.getmembers(obj) if inspect.isfunction(m)]
+        for member in members:
+            doc = getattr(member, "__doc__", None) or ""
+            if any(ord(c) < 32 and c not in "\n" for c in doc):
+                bad.append(getattr(member, "__qualname__", repr(member)))
+    assert not bad, f"control characters in the docstrings of {sorted(set(bad))}"

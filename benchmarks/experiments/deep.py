@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-steps", type=int, default=16)
     parser.add_argument("--state-step", type=float, default=0.01)
     parser.add_argument(
+        "--state-momentum",
+        type=float,
+        default=0.0,
+        help="heavy-ball momentum of the state updates (optax.sgd(step, momentum)); 0: plain GD",
+    )
+    parser.add_argument(
         "--step-over-depth",
         action="store_true",
         help="use state step / depth (ePC: the stable step shrinks like 1 / depth)",
@@ -88,7 +94,8 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     net = nn.call
     fn = pc.error_parameterised(net) if args.inference == "epc" else net
     state_step = args.state_step / depth if args.step_over_depth else args.state_step
-    solver = pc.GradientDescent(args.inference_steps, step_size=state_step)
+    momentum = args.state_momentum or None
+    solver = pc.GradientDescent(args.inference_steps, optax.sgd(state_step, momentum=momentum))
     per_epoch = len(x_train) // args.batch
     total = args.epochs * per_epoch if args.max_steps is None else args.max_steps
     optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, total) if args.cosine else args.lr)
