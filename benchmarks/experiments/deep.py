@@ -1,7 +1,8 @@
 """Deep residual PC networks on MNIST: muPC against the standard parameterisation.
 
     python benchmarks/run.py deep [--depths 16,128] [--epochs 1] [--batch 32] [--width 32]
-        [--inference epc] [--inference-steps 16] [--state-step 0.01] [--lr 1e-3] [--cosine]
+        [--inference epc] [--inference-steps 16] [--state-step 0.01] [--state-momentum 0]
+        [--lr 1e-3] [--cosine]
         [--network ResidualMLP] [--data-dir DIR] [--max-steps N]
 
 `pcjax.nn.ResidualMLP(784, width, depth, 10, parameterisation="mupc" | "standard")` (muPC's
