@@ -100,4 +100,4 @@ __all__ = [
     "update_precision_ema",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -556,8 +556,9 @@ def natural_gradient(
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition gradients by the inverse Fisher of the PC model: $(G + \\lambda I)^{-1} g$.
 
-    An optax transform taking the extra argument `fisher` (from `pcjax.fisher_statistics`, or
-    passed by `pcjax.train_step(..., fisher=mode)`); chain it with a learning rate, e.g.
+    An optax transform that takes its statistics from the extra argument `context` (passed by
+    `pcjax.make_train_step`) or `fisher` (from `pcjax.fisher_statistics`); chain it with a
+    learning rate, e.g.
     `optax.chain(pcjax.natural_gradient("kronecker"), optax.scale_by_learning_rate(0.1))`.
 
     **Arguments:**
