@@ -117,8 +117,9 @@ def fisher_statistics(
       and None elsewhere (those leaves are not preconditioned).
     - `"matrix_free"`: a `FisherOperator` for the whole tagged function.
 
-    Pass the result to the optimizer as `optimizer.update(grads, state, params, fisher=...)`;
-    `pcjax.train_step(..., fisher=mode)` does this for you.
+    Pass the result to the optimizer as `optimizer.update(grads, state, params, fisher=...)`
+    when you call it yourself; inside `pcjax.make_train_step`, `pcjax.natural_gradient`
+    computes them from the step's `context` instead.
     """
     if mode not in MODES:
         raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
