@@ -385,12 +385,17 @@ def _natural_full(module: FullPrecision, moments, step_size, method, safeguard):
     whitened = chol.T @ moments.astype(dtype) @ chol
     whitened = 0.5 * (whitened + whitened.T)
     if method == "exponential":
+        # L exp(.) L^T = (L B)(L B)^T with B = V exp(eta (1 - mu) / 2): its Cholesky factor from a
+        # QR of (L B)^T, never forming the product, so that even a step that shrinks P by e^-100
+        # keeps an exact, positive-definite factor.
         eigenvalues, vectors = jnp.linalg.eigh(whitened)
-        middle = (vectors * jnp.exp(step_size * (1.0 - eigenvalues))) @ vectors.T
+        root = vectors * jnp.exp(0.5 * step_size * (1.0 - eigenvalues))
+        r = jnp.linalg.qr((chol @ root).T, mode="r")
+        new = r.T * jnp.sign(jnp.diag(r))  # lower, with a positive diagonal
     else:
         step = _capped_step(step_size, jnp.linalg.eigvalsh(whitened)[-1], safeguard)
-        middle = eye + step * (eye - whitened)
-    new = chol @ jnp.linalg.cholesky(0.5 * (middle + middle.T))  # lower, positive diagonal
+        middle = eye + step * (eye - whitened)  # eigenvalues in [1 - safeguard, 1 + step]
+        new = chol @ jnp.linalg.cholesky(0.5 * (middle + middle.T))  # lower, positive diagonal
     raw = jnp.tril(new, -1) + jnp.diag(jnp.log(jnp.diag(new)))
     return eqx.tree_at(lambda m: m.raw, module, raw.astype(module.raw.dtype))
 
