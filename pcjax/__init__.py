@@ -33,6 +33,7 @@ from ._precision import (
     ScalarPrecision,
     error_moments,
     update_precision_ema,
+    update_precision_natural,
 )
 from ._presets import preset
 from ._rules import (
@@ -98,6 +99,7 @@ __all__ = [
     "shard_batch",
     "train_step",
     "update_precision_ema",
+    "update_precision_natural",
 ]
 
 __version__ = "0.2.0"

@@ -354,3 +354,134 @@ def update_precision_ema(
         ema = {k: decay * ema[k] + (1.0 - decay) * moments[k] for k in moments}
     new = {k: p.from_moments(ema[k], damping) for k, p in precision.items()}
     return new, ema
+
+
+# ---------------------------------------------------------------- natural-gradient flow
+
+
+def _capped_step(step_size, largest: Array, safeguard: float) -> Array:
+    """$\\min(\\eta, c / (\\lambda_{\\max} - 1))$ where $\\lambda_{\\max} > 1$, else $\\eta$."""
+    over = largest > 1.0
+    bound = safeguard / jnp.where(over, largest - 1.0, 1.0)
+    return jnp.where(over, jnp.minimum(step_size, bound), step_size)
+
+
+def _natural_diagonal(module: DiagonalPrecision, moments, step_size, method, safeguard):
+    dtype = jnp.result_type(module.log_values, moments)
+    log_excess = module.log_values.astype(dtype)  # log(p - floor)
+    ratio = jnp.exp(log_excess) * moments.astype(dtype)  # (p - floor) s, per element
+    if method == "exponential":
+        log_factor = step_size * (1.0 - ratio)
+    else:
+        log_factor = jnp.log1p(_capped_step(step_size, ratio, safeguard) * (1.0 - ratio))
+    new = (log_excess + log_factor).astype(module.log_values.dtype)
+    return eqx.tree_at(lambda m: m.log_values, module, new)
+
+
+def _natural_full(module: FullPrecision, moments, step_size, method, safeguard):
+    dtype = jnp.result_type(module.raw, moments)
+    chol = module.cholesky().astype(dtype)  # P - floor I = L L^T
+    eye = jnp.eye(chol.shape[0], dtype=dtype)
+    whitened = chol.T @ moments.astype(dtype) @ chol
+    whitened = 0.5 * (whitened + whitened.T)
+    if method == "exponential":
+        # L exp(.) L^T = (L B)(L B)^T with B = V exp(eta (1 - mu) / 2): its Cholesky factor from a
+        # QR of (L B)^T, never forming the product, so that even a step that shrinks P by e^-100
+        # keeps an exact, positive-definite factor.
+        eigenvalues, vectors = jnp.linalg.eigh(whitened)
+        root = vectors * jnp.exp(0.5 * step_size * (1.0 - eigenvalues))
+        r = jnp.linalg.qr((chol @ root).T, mode="r")
+        new = r.T * jnp.sign(jnp.diag(r))  # lower, with a positive diagonal
+    else:
+        step = _capped_step(step_size, jnp.linalg.eigvalsh(whitened)[-1], safeguard)
+        middle = eye + step * (eye - whitened)  # eigenvalues in [1 - safeguard, 1 + step]
+        new = chol @ jnp.linalg.cholesky(0.5 * (middle + middle.T))  # lower, positive diagonal
+    raw = jnp.tril(new, -1) + jnp.diag(jnp.log(jnp.diag(new)))
+    return eqx.tree_at(lambda m: m.raw, module, raw.astype(module.raw.dtype))
+
+
+def update_precision_natural(
+    precision: Mapping[str, Precision],
+    errors: Mapping[str, Array],
+    *,
+    step_size: float | Array,
+    method: str = "euler",
+    safeguard: float = 0.5,
+) -> dict[str, Precision]:
+    """One step of the natural-gradient flow of the energy on each node's precision.
+
+    With $S = \\mathbb{E}_{\\text{batch}}[e e^\\top]$ (the module's `moments`) and the energy
+    per error vector $F(P) = \\tfrac12 \\operatorname{tr}(P S) - \\tfrac12 \\log\\det P$, the
+    gradient on symmetric matrices is $\\nabla F = \\tfrac12 (S - P^{-1})$. The Fisher metric of
+    a Gaussian's precision is $g_P(A, B) = \\tfrac12 \\operatorname{tr}(P^{-1} A P^{-1} B)$, i.e.
+    $G = \\tfrac12 P^{-1} \\otimes P^{-1}$ on $\\operatorname{vec} P$, with inverse
+    $2 P \\otimes P$; so the natural gradient is $2 P (\\nabla F) P = P S P - P$ and its
+    descent flow is the rule $\\dot P = P - P S P$ of Millidge (2020), with fixed point
+    $P^{-1} = S$. One Euler step (`method="euler"`, the default) is
+
+    $$P \\leftarrow P + \\eta\\,(P - P S P)
+      = L\\,\\big(I + \\eta\\,(I - L^\\top S L)\\big)\\,L^\\top, \\qquad P = L L^\\top,$$
+
+    elementwise $p \\leftarrow p + \\eta\\,(p - p^2 s)$ for `ScalarPrecision` and
+    `DiagonalPrecision` (each element is its own block, so per-feature values of any shape work).
+    The middle factor has eigenvalues $1 + \\eta (1 - \\mu_i)$, $\\mu_i \\ge 0$ those of
+    $L^\\top S L$ (of $P S$), so the step keeps $P$ positive definite iff
+    $\\eta\\,(\\mu_{\\max} - 1) < 1$. **Safeguard:** the step used is
+    $\\min(\\eta,\\ c / (\\mu_{\\max} - 1))$ when $\\mu_{\\max} > 1$ ($c$ = `safeguard`; per element
+    for the diagonal kinds, one step per matrix for `FullPrecision`), so every eigenvalue of
+    $L^{-1} P_{\\text{new}} L^{-\\top}$ lies in $[1 - c, 1 + \\eta]$: no direction of $P$ shrinks by
+    more than the factor $1 - c$ in a step, and the update is applied to the Cholesky factor
+    ($L \\leftarrow L\\, \\operatorname{chol}(\\cdot)$, well conditioned whatever $P$'s condition
+    number). It only shortens steps, so the fixed point is unchanged; near it
+    ($\\mu_i \\approx 1$) the full step $\\eta$ is taken.
+
+    `method="exponential"` takes the geodesic of the same (affine-invariant) metric instead,
+    $P \\leftarrow L \\exp\\!\\big(\\eta\\,(I - L^\\top S L)\\big) L^\\top$, positive definite
+    for any $\\eta$ and equal to the Euler step to first order; for the diagonal kinds it is
+    $\\log p \\leftarrow \\log p + \\eta (1 - p s)$, a gradient step of size $2\\eta$ on
+    $\\log p$ (of $F$ per element). It can overshoot far when $P$ is much too large
+    ($\\mu_{\\max} \\gg 1$: a factor $e^{-\\eta \\mu_{\\max}}$), which the capped Euler step
+    cannot.
+
+    **Floor:** a module stores $P = P_0 + f I$ with $P_0 = L L^\\top$ (or $e^\\theta$) and floor
+    $f$. The flow is applied to $P_0$, the part the module parameterises, so $P$ stays above the
+    floor and the fixed point is $P = S^{-1} + f I$, as for `from_moments(S)`. With $f = 0$
+    (the default) the step is exactly the natural-gradient step of $F$ above.
+
+    **Arguments:**
+
+    - `precision`: dict of precision modules to update (kinds, dtypes and floors are kept).
+    - `errors`: the nodes' prediction errors, e.g. `pcjax.prediction_errors` at relaxed states.
+    - `step_size`: $\\eta > 0$ (a number or a scalar array).
+    - `method`: `"euler"` (default, with the safeguard) or `"exponential"`.
+    - `safeguard`: $c \\in (0, 1)$, the largest fraction by which a step may shrink $P$ (Euler).
+
+    **Returns:** the new precisions, a dict of modules of the same kinds.
+    """
+    name = "pcjax.update_precision_natural"
+    concrete = _concrete(step_size)
+    if concrete is not None and (
+        concrete.ndim != 0 or not (np.isfinite(concrete) and concrete > 0)
+    ):
+        raise ValueError(f"{name}: `step_size` must be a finite number > 0, got {step_size!r}.")
+    if method not in ("euler", "exponential"):
+        raise ValueError(f"{name}: `method` must be 'euler' or 'exponential', got {method!r}.")
+    if not 0.0 < safeguard < 1.0:
+        raise ValueError(f"{name}: `safeguard` must be in (0, 1), got {safeguard!r}.")
+    unknown = sorted(set(precision) - set(errors))
+    if unknown:
+        raise ValueError(f"{name}: no errors for node(s) {unknown}.")
+    new = {}
+    for key, module in precision.items():
+        if not isinstance(module, Precision):
+            raise TypeError(
+                f"{name}: node {key!r} has a fixed precision ({type(module).__name__}); only "
+                "precision modules (ScalarPrecision, DiagonalPrecision, FullPrecision) learn."
+            )
+        shape = tuple(jnp.shape(errors[key]))
+        problem = module.fits(shape)
+        if problem is not None:
+            raise ValueError(f"{name}: node {key!r} has errors of shape {shape}, not {problem}.")
+        step = _natural_full if isinstance(module, FullPrecision) else _natural_diagonal
+        new[key] = step(module, module.moments(errors[key]), step_size, method, safeguard)
+    return new
