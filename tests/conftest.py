@@ -105,3 +105,38 @@ def mnist_dir():
     if not (SHARED_DATA / "mnist" / "t10k-labels-idx1-ubyte.gz").exists():
         pytest.skip(f"MNIST files not found under {SHARED_DATA}")
     return SHARED_DATA
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ALL_NOTEBOOKS = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+NEEDS_MNIST = {"precision_as_attention.ipynb"}  # the others fall back to the bundled digits
+
+
+@pytest.fixture
+def run_notebook(monkeypatch, request):
+    """Executes a notebook of `notebooks/` top to bottom in its short form
+    (PCJAX_NOTEBOOK_SMALL=1); fails, naming the cell, if any cell raises."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+
+    def run(name: str) -> None:
+        if name in NEEDS_MNIST:
+            monkeypatch.setenv("PCJAX_DATA_DIR", str(request.getfixturevalue("mnist_dir")))
+        else:
+            try:
+                monkeypatch.setenv("PCJAX_DATA_DIR", str(request.getfixturevalue("mnist_dir")))
+            except pytest.skip.Exception:
+                monkeypatch.setenv("PCJAX_DATA_DIR", str(NOTEBOOKS / "no-data-here"))
+        monkeypatch.setenv("PCJAX_NOTEBOOK_SMALL", "1")
+        monkeypatch.setenv("MPLBACKEND", "Agg")
+        notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+        resources = {"metadata": {"path": NOTEBOOKS}}
+        client = nbclient.NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources=resources
+        )
+        client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+        outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"]
+
+    return run
