@@ -372,17 +372,72 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
         )
         seconds = ", ".join(f"{e['seconds']:.0f}" for e in r["epochs"])
         final = "diverged" if r["diverged"] else f"{r['final']:.4f}"
-        rows.append([name, str(r["steps"]), final, per_epoch or "-", seconds])
+        mark = " (†)" if "reused_from" in r else ""
+        rows.append([name + mark, str(r["steps"]), final, per_epoch or "-", seconds])
     decay = " (cosine decay)" if c.get("cosine") else ""
+    momentum = f" with momentum {c['state_momentum']:g}" if c.get("state_momentum") else ""
+    precision = c.get("output_precision", 1.0)
+    output = f"output precision {precision:g}, " if precision != 1.0 else ""
+    reused = sorted(
+        {r["reused_from"] for r in document["results"]["runs"].values() if "reused_from" in r}
+    )
     extra = (
         f"nn.{c.get('network', 'ResNet')} width {c['width']} (blocks scanned), "
         f"{c['inference']} inference, T = {c['inference_steps']}, state step "
-        f"{c['state_step']:g}{' / depth' if c.get('step_over_depth') else ''}, Adam "
+        f"{c['state_step']:g}{' / depth' if c.get('step_over_depth') else ''}{momentum}, "
+        f"{output}Adam "
         f"{c['lr']:g}{decay}, batch "
         f"{c['batch']}, seed {c['seed']}; test accuracy of the feedforward prediction on the "
         "10,000 test images."
+        + (f" (†): measured with the same settings in {', '.join(reused)}." if reused else "")
     )
     header = ["run", "steps", "final test accuracy", "test accuracy per epoch", "s per epoch"]
+    return caption(document, extra) + "\n\n" + table(header, rows)
+
+
+def render_deep_align(document: dict[str, Any], view: str | None = None) -> str:
+    c, results = document["config"], document["results"]
+    net = f"nn.ResidualMLP 784-{c['width']}x{c['depth']}-10 (muPC), batch {c['batch']}"
+    if view in ("initial", "trained"):
+        rows = []
+        for text, r in results[view].items():
+            steps, step, momentum = text.split(":")
+            rows.append(
+                [steps, step, momentum, f"{r['stem']:.2f}", f"{r['blocks_min']:.2f}",
+                 f"{r['blocks_median']:.2f}", str(r["aligned_from"]), f"{r['head']:.2f}",
+                 f"{r['energy_ratio']:.2f}"]
+            )  # fmt: skip
+        which = (
+            "the initial network and one training batch, output precision 1"
+            if view == "initial"
+            else f"the network after the PC run with output precision "
+            f"{results['trained_output_precision']:g} below, the same batch and precision"
+        )
+        extra = (
+            f"{net}, {which}; cosine between PC's dF/dtheta after T state updates and "
+            "backprop's gradient."
+        )
+        header = ["T", "state step", "momentum", "stem", "blocks: min", "median"]
+        header += ["aligned from block", "head", "F after / F before"]
+        return caption(document, extra) + "\n\n" + table(header, rows)
+    rows = []
+    for name, r in results["training"].items():
+        for p in r["points"]:
+            rows.append(
+                [name, str(p["step"]), f"{p['test_accuracy']:.4f}", f"{p['stem']:.2f}",
+                 f"{p['blocks_min']:.2f}", f"{p['blocks_median']:.2f}", f"{p['head']:.2f}",
+                 "-" if name == "backprop" else f"{p['energy_ratio']:.2f}"]
+            )  # fmt: skip
+        if r["diverged_at"]:
+            rows.append([name, str(r["diverged_at"]), "diverged"] + ["-"] * 5)
+    steps, step, momentum = c["train_solver"].split(":")
+    extra = (
+        f"{net}, Adam {c['lr']:g}, the same batches in the same order; PC: T = {steps} state "
+        f"updates of step {step} with momentum {momentum} from the feedforward pass. Cosines "
+        "with backprop's gradient on the step's batch."
+    )
+    header = ["run", "step", "test accuracy", "stem", "blocks: min", "median", "head"]
+    header += ["F after / F before"]
     return caption(document, extra) + "\n\n" + table(header, rows)
 
 
@@ -424,6 +479,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any], str | None], str]] = {
     "architectures": render_architectures,
     "train-cnn": render_train_cnn,
     "deep": render_deep,
+    "deep-align": render_deep_align,
     "fast": render_fast,
 }
 

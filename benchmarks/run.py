@@ -11,6 +11,7 @@ Experiments (`benchmarks/experiments/`; `python benchmarks/run.py <experiment> -
     architectures  LSTM, ResNet and Transformer trained by PC next to backprop
     train-cnn      the VGG-style CNN trained on MNIST by PC (and backprop)
     deep           16- and 128-layer residual PC networks, muPC vs standard parameterisation
+    deep-align     standard PC's learning signal against backprop's, block by block (128 blocks)
     fast           PC configurations vs backprop on the demo's MLP: step time, time to 98%
 
 Each writes one JSON file (`--out`, default `benchmarks/results/<experiment>[-quick].json`)
@@ -42,6 +43,7 @@ EXPERIMENTS = {
     "architectures": "experiments.architectures",
     "train-cnn": "experiments.train_cnn",
     "deep": "experiments.deep",
+    "deep-align": "experiments.deep_align",
     "fast": "experiments.fast",
 }
 

@@ -275,3 +275,44 @@ def test_no_deprecated_pcjax_calls_in_benchmarks():
         text = path.read_text()
         for pattern in patterns:
             assert not re.search(pattern, text, re.DOTALL), (path.name, pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# deep and deep-align: reusing runs, reading the alignment
+
+
+def test_deep_reuses_runs_only_with_the_same_settings(tmp_path):
+    from experiments import deep
+
+    config = {"depths": "128", "parameterisations": "mupc", "width": 64, "lr": 0.01}
+    runs = {"mupc 128": {"final": 0.9, "diverged": False}}
+    env = {"date": "2026-11-29"}
+    document = harness.result_document("deep", config, {"runs": runs}, 1.0, env)
+    path = tmp_path / "earlier.json"
+    harness.write_result(path, document)
+    # The per-run settings may differ; the run comes back marked with its source.
+    ours = {**config, "depths": "16,128", "parameterisations": "mupc,standard"}
+    kept = deep.reusable_runs(str(path), ours)
+    assert kept == {"mupc 128": {**runs["mupc 128"], "reused_from": "earlier.json (2026-11-29)"}}
+    with pytest.raises(ValueError, match=r"differ in \['lr'\]"):
+        deep.reusable_runs(str(path), {**config, "lr": 0.1})
+
+
+def test_alignment_summary_finds_how_far_the_error_reached():
+    from experiments import deep_align
+
+    a = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])
+    b = jnp.array([[0.0, 1.0], [0.0, 3.0], [1.0, 1.0], [1.0, 0.0]])
+    grads = type("G", (), {"stem": a[0], "blocks": a[:, :, None], "head": a[3]})
+    truth = type("T", (), {"stem": b[0], "blocks": b[:, :, None], "head": b[3]})
+    cosines = deep_align.summary(deep_align.alignment(grads, truth))
+    # Block cosines 0, 1, 1, 1 (hand-computed): aligned from block 1 up to the head.
+    assert cosines["blocks"] == [0.0, 1.0, 1.0, 1.0]
+    assert cosines["aligned_from"] == 1
+    assert (cosines["stem"], cosines["head"], cosines["blocks_min"]) == (0.0, 1.0, 0.0)
+    everywhere = {"stem": 1.0, "head": 1.0, "blocks": np.ones(4)}
+    assert deep_align.summary(everywhere)["aligned_from"] == 0
+    nowhere = {"stem": 1.0, "head": 1.0, "blocks": np.zeros(4)}
+    assert deep_align.summary(nowhere)["aligned_from"] == 4
+    # A block the error has not reached has a zero gradient: cosine 0, not NaN.
+    assert float(deep_align._cosine(jnp.zeros(3), jnp.ones(3))) == 0.0

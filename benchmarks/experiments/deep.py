@@ -2,8 +2,8 @@
 
     python benchmarks/run.py deep [--depths 16,128] [--epochs 1] [--batch 32] [--width 32]
         [--inference epc] [--inference-steps 16] [--state-step 0.01] [--state-momentum 0]
-        [--lr 1e-3] [--cosine]
-        [--network ResidualMLP] [--data-dir DIR] [--max-steps N]
+        [--output-precision 1] [--lr 1e-3] [--cosine]
+        [--network ResidualMLP] [--data-dir DIR] [--max-steps N] [--reuse EARLIER.json]
 
 `pcjax.nn.ResidualMLP(784, width, depth, 10, parameterisation="mupc" | "standard")` (muPC's
 network; `--network ResNet`: `pcjax.nn.ResNet(..., mupc=..., scan_layers=True)`), its blocks
@@ -14,6 +14,8 @@ transfers across depth). `--inference epc` relaxes the prediction errors
 (`pc.error_parameterised`), `pc` the states (standard PC). Recorded per run: the test accuracy
 (feedforward prediction, 10,000 test images) after every epoch (and every `--eval-every`
 steps), seconds per epoch (training only), divergence (a non-finite energy stops the run).
+`--reuse` takes the runs of an earlier result file made with the same settings instead of
+rerunning them (each marked `reused_from`), so that one table can grow run by run.
 
 `--step-over-depth` divides the state step by the depth. In ePC's error coordinates an offset
 shared by every block moves the top of the residual stream depth times as far (the field's
@@ -26,6 +28,7 @@ and then oscillates down to 77%, 0.25 / 128 trains smoothly).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use state step / depth (ePC: the stable step shrinks like 1 / depth)",
     )
+    parser.add_argument(
+        "--output-precision",
+        type=float,
+        default=1.0,
+        help="precision of the clamped output node (small: PC's gradient nearer backprop's)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--cosine", action="store_true", help="decay the learning rate to 0 over the run"
@@ -72,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop each run after this many steps")
     parser.add_argument("--data-dir", help="MNIST directory (default $PCJAX_DATA)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reuse",
+        help="an earlier deep.json with the same settings: its runs are kept, not rerun",
+    )
     parser.add_argument(
         "--network",
         choices=["ResidualMLP", "ResNet"],
@@ -100,7 +113,9 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     per_epoch = len(x_train) // args.batch
     total = args.epochs * per_epoch if args.max_steps is None else args.max_steps
     optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, total) if args.cosine else args.lr)
-    step = eqx.filter_jit(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
+    precision = {OUTPUT: jnp.asarray(args.output_precision, jnp.float32)}
+    rule = pc.Equilibrium(solver)
+    step = eqx.filter_jit(pc.make_train_step(fn, rule, optimizer, precision=precision))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     predict = eqx.filter_jit(lambda m, x: jnp.argmax(net(m, x), -1))
 
@@ -130,6 +145,7 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
                 break
             if done % args.eval_every == 0:
                 curve.append((done, accuracy(model)))
+                harness.log(f"    step {done}: test {curve[-1][1]:.4f}")
         epochs.append({"epoch": epoch + 1, "seconds": seconds, "steps": done})
         if diverged or (args.max_steps is not None and done >= args.max_steps):
             break
@@ -156,10 +172,31 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     depths = [int(d) for d in args.depths.split(",")]
     kinds = args.parameterisations.split(",")
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "experiment")}
-    results = {
-        f"{kind} {depth}": train(args, depth, kind == "mupc", data)
-        for depth in depths
-        for kind in kinds
-    }
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "experiment", "reuse")}
+    earlier = reusable_runs(args.reuse, config) if args.reuse else {}
+    results = {}
+    for depth in depths:
+        for kind in kinds:
+            name = f"{kind} {depth}"
+            results[name] = earlier.get(name) or train(args, depth, kind == "mupc", data)
     return config, {"runs": results}
+
+
+# Settings that may differ between a run and the file it reuses runs from.
+_PER_RUN = ("depths", "parameterisations")
+
+
+def reusable_runs(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The runs of an earlier result file made with the same settings (else a ValueError),
+    each marked with the file and the date it was measured."""
+    document = json.loads(Path(path).read_text())
+    theirs = {k: v for k, v in document["config"].items() if k not in _PER_RUN}
+    ours = {k: v for k, v in config.items() if k not in _PER_RUN}
+    if theirs != ours:
+        differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ValueError(f"deep --reuse {path}: its settings differ in {differing}")
+    date = document["environment"].get("date")
+    return {
+        name: {**run, "reused_from": f"{Path(path).name} ({date})"}
+        for name, run in document["results"]["runs"].items()
+    }
