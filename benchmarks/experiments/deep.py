@@ -97,6 +97,28 @@ def default_out(args: argparse.Namespace) -> Path:
     return harness.RESULTS / "deep.json"
 
 
+def mnist_arrays(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, jax.Array, np.ndarray]:
+    """MNIST as (flat training images, one-hot training labels, flat test images on the
+    device, test labels)."""
+    mnist = bdata.mnist(data_dir, fallback=False)
+    return (
+        bdata.flat(mnist.x_train),
+        bdata.onehot(mnist.y_train),
+        jnp.asarray(bdata.flat(mnist.x_test)),
+        np.asarray(mnist.y_test),
+    )
+
+
+def accuracy_on(predict, model, x_test: jax.Array, y_test: np.ndarray) -> float:
+    """The fraction of test images whose `predict(model, x)` class is the label, in chunks of
+    2,000 images."""
+    hits = [
+        np.asarray(predict(model, x_test[i : i + 2000])) == y_test[i : i + 2000]
+        for i in range(0, len(x_test), 2000)
+    ]
+    return float(np.mean(np.concatenate(hits)))
+
+
 def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     x_train, y_train, x_test, y_test = data
     key = jax.random.PRNGKey(args.seed)
@@ -120,11 +142,7 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     predict = eqx.filter_jit(lambda m, x: jnp.argmax(net(m, x), -1))
 
     def accuracy(m) -> float:
-        hits = [
-            np.asarray(predict(m, x_test[i : i + 2000])) == y_test[i : i + 2000]
-            for i in range(0, len(x_test), 2000)
-        ]
-        return float(np.mean(np.concatenate(hits)))
+        return accuracy_on(predict, m, x_test, y_test)
 
     rng = np.random.default_rng(args.seed)
     curve, epochs, done, diverged = [], [], 0, False
@@ -163,13 +181,7 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    mnist = bdata.mnist(args.data_dir, fallback=False)
-    data = (
-        bdata.flat(mnist.x_train),
-        bdata.onehot(mnist.y_train),
-        jnp.asarray(bdata.flat(mnist.x_test)),
-        np.asarray(mnist.y_test),
-    )
+    data = mnist_arrays(args.data_dir)
     depths = [int(d) for d in args.depths.split(",")]
     kinds = args.parameterisations.split(",")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "experiment", "reuse")}

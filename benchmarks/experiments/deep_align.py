@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import data as bdata
 import equinox as eqx
 import harness
 import jax
@@ -40,6 +39,8 @@ import optax
 
 import pcjax as pc
 from pcjax import nn
+
+from .deep import accuracy_on, mnist_arrays
 
 OUTPUT = "out"
 DEFAULT_SOLVERS = (
@@ -164,13 +165,6 @@ def train(args, model, data, method: str, output_precision: float | None) -> dic
 
     predict = eqx.filter_jit(lambda m, x: jnp.argmax(nn.call(m, x), -1))
 
-    def accuracy(m) -> float:
-        hits = [
-            np.asarray(predict(m, x_test[i : i + 2000])) == y_test[i : i + 2000]
-            for i in range(0, len(x_test), 2000)
-        ]
-        return float(np.mean(np.concatenate(hits)))
-
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     order = np.random.default_rng(args.seed).permutation(len(x_train))
     points, seconds = [], 0.0
@@ -185,7 +179,11 @@ def train(args, model, data, method: str, output_precision: float | None) -> dic
             return {"points": points, "diverged_at": i + 1, "seconds_per_step": None}, model
         seconds += time.perf_counter() - begin
         if (i + 1) % args.every == 0:
-            point = {"step": i + 1, "test_accuracy": accuracy(model), **summary(cosines)}
+            point = {
+                "step": i + 1,
+                "test_accuracy": accuracy_on(predict, model, x_test, y_test),
+                **summary(cosines),
+            }
             point["energy_ratio"] = float(ratio)
             points.append(point)
             harness.log(
@@ -196,13 +194,7 @@ def train(args, model, data, method: str, output_precision: float | None) -> dic
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    mnist = bdata.mnist(args.data_dir, fallback=False)
-    data = (
-        bdata.flat(mnist.x_train),
-        bdata.onehot(mnist.y_train),
-        jnp.asarray(bdata.flat(mnist.x_test)),
-        np.asarray(mnist.y_test),
-    )
+    data = mnist_arrays(args.data_dir)
     model = nn.ResidualMLP(784, args.width, args.depth, 10, key=jax.random.PRNGKey(args.seed))
     x, y = jnp.asarray(data[0][: args.batch]), jnp.asarray(data[1][: args.batch])
     config = {k: v for k, v in vars(args).items() if k not in ("out", "experiment")}
