@@ -365,8 +365,23 @@ def render_train_cnn(document: dict[str, Any], view: str | None = None) -> str:
 
 def render_deep(document: dict[str, Any], view: str | None = None) -> str:
     c = document["config"]
+    runs = document["results"]["runs"]
+    if view == "curve":  # test accuracy every `eval_every` steps, one column per run
+        points = sorted({step for r in runs.values() for step, _ in r["curve"]})
+        at = {name: dict(r["curve"]) for name, r in runs.items()}
+        rows = [
+            [str(step)] + [f"{at[name][step]:.4f}" if step in at[name] else "-" for name in runs]
+            for step in points
+        ]
+        return (
+            caption(document, "Test accuracy during training.")
+            + "\n\n"
+            + table(["step", *runs], rows)
+        )
+    # Recorded since 2026-11-29; backprop has no inference whose energy could rise.
+    rose = c["inference"] != "backprop" and any("energy_rose_steps" in r for r in runs.values())
     rows = []
-    for name, r in document["results"]["runs"].items():
+    for name, r in runs.items():
         per_epoch = ", ".join(
             f"{e['test_accuracy']:.4f}" for e in r["epochs"] if "test_accuracy" in e
         )
@@ -374,6 +389,8 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
         final = "diverged" if r["diverged"] else f"{r['final']:.4f}"
         mark = " (†)" if "reused_from" in r else ""
         rows.append([name + mark, str(r["steps"]), final, per_epoch or "-", seconds])
+        if rose:
+            rows[-1].append(str(r.get("energy_rose_steps", "-")))
     decay = " (cosine decay)" if c.get("cosine") else ""
     momentum = f" with momentum {c['state_momentum']:g}" if c.get("state_momentum") else ""
     precision = c.get("output_precision", 1.0)
@@ -381,17 +398,25 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
     reused = sorted(
         {r["reused_from"] for r in document["results"]["runs"].values() if "reused_from" in r}
     )
+    if c["inference"] == "backprop":
+        learning = "backprop (jax.grad of the output's squared error), "
+    else:
+        learning = (
+            f"{c['inference']} inference, T = {c['inference_steps']}, state step "
+            f"{c['state_step']:g}{' / depth' if c.get('step_over_depth') else ''}{momentum}, "
+            f"{output}"
+        )
     extra = (
         f"nn.{c.get('network', 'ResNet')} width {c['width']} (blocks scanned), "
-        f"{c['inference']} inference, T = {c['inference_steps']}, state step "
-        f"{c['state_step']:g}{' / depth' if c.get('step_over_depth') else ''}{momentum}, "
-        f"{output}Adam "
+        f"{learning}Adam "
         f"{c['lr']:g}{decay}, batch "
         f"{c['batch']}, seed {c['seed']}; test accuracy of the feedforward prediction on the "
         "10,000 test images."
         + (f" (†): measured with the same settings in {', '.join(reused)}." if reused else "")
     )
     header = ["run", "steps", "final test accuracy", "test accuracy per epoch", "s per epoch"]
+    if rose:
+        header.append("steps whose energy rose")
     return caption(document, extra) + "\n\n" + table(header, rows)
 
 

@@ -93,11 +93,11 @@ def run_solver(
     sample_axes: Mapping[str, int],
 ) -> tuple[Nodes, InferInfo]:
     """Run `solver` on `field` from `states`, evaluate the field at the result and report."""
-    states, steps, evaluations, energies = solver.run(
+    states, steps, evaluations, energies, initial = solver.run(
         field, states, key=key, sample_axes=sample_axes
     )
     value, grads = field(states)
-    return solver.report(states, value, grads, steps, evaluations, energies, sample_axes)
+    return solver.report(states, value, grads, steps, evaluations, energies, initial, sample_axes)
 
 
 _LEGACY_SOLVER = {"steps", "optimizer", "step_size", "tol", "record_energy", "unroll"}

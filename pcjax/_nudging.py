@@ -113,12 +113,12 @@ def nudged_gradients(
 
     def relaxed(sign: float, key: Array | None) -> tuple[Any, Any, InferInfo]:
         r"""The nudged equilibrium, $G(\text{sign} \cdot \beta)$ there and the solver's report."""
-        states, steps, evaluations, energies_ = solver.run(
+        states, steps, evaluations, energies_, initial = solver.run(
             field(sign), dict(feedforward), key=key, sample_axes=sample_axes
         )
         value, grads = field(sign)(states)
         states, info = solver.report(
-            states, value, grads, steps, evaluations, energies_, sample_axes
+            states, value, grads, steps, evaluations, energies_, initial, sample_axes
         )
         (_, own), g = jax.value_and_grad(energies, has_aux=True)(diff, states, sign)
         return g, own, info
@@ -147,4 +147,6 @@ def _combine(plus: InferInfo, minus: InferInfo, own: Array) -> InferInfo:
         jnp.maximum(plus.grad_norm, minus.grad_norm),
         plus.converged & minus.converged,
         plus.evaluations + minus.evaluations,
+        plus.initial_energy,
+        plus.energy_rose | minus.energy_rose,
     )

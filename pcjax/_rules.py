@@ -54,6 +54,7 @@ from ._solvers import (
     check_steps,
     per_sample_grad_norm,
     real,
+    rose,
     scan_unroll,
 )
 from ._tagging import Nodes, forward_init, scan_depths
@@ -76,6 +77,10 @@ class TrainInfo(NamedTuple):
     - `grad_norm`, `converged`, `evaluations`: as in `pcjax.InferInfo` (iPC: the state
       gradient of its last step; centred nudging: the larger norm of its two relaxations and
       the evaluations of both).
+    - `initial_energy`, `energy_rose`: as in `pcjax.InferInfo`: the energy inference
+      descended, at its start, and whether it ended above it (a finite run whose steps are
+      too large; iPC: the energy of its first and last joint steps; nudging: the nudged
+      energy, of either relaxation).
     """
 
     energy: Array
@@ -84,6 +89,8 @@ class TrainInfo(NamedTuple):
     grad_norm: Array | None = None
     converged: Array | None = None
     evaluations: Array | None = None
+    initial_energy: Array | None = None
+    energy_rose: Array | None = None
 
 
 class Problem(NamedTuple):
@@ -147,7 +154,7 @@ def _relax(
     then `(relaxed states, dF/dparams there, the solver's report)`."""
     model, observed, x = problem.model, problem.observed, problem.x
     field = model.field(params, x, observed, problem.spec)
-    variables, steps, evaluations, energies = solver.run(
+    variables, steps, evaluations, energies, initial = solver.run(
         field,
         model.to_variables(params, x, observed, start),
         key=key,
@@ -158,7 +165,7 @@ def _relax(
         params, states, observed, x, problem.spec, problem.precision
     )
     states, info = solver.report(
-        states, value, field_grads, steps, evaluations, energies, problem.sample_axes
+        states, value, field_grads, steps, evaluations, energies, initial, problem.sample_axes
     )
     return states, param_grads, info
 
@@ -303,7 +310,10 @@ class Incremental(AbstractRule):
         value, norm = values[-1], norms[-1]
         diverged = ~jnp.isfinite(value) | ~jnp.isfinite(norm)
         steps = jnp.asarray(self.steps, jnp.int32)
-        info = InferInfo(value, diverged, steps, None, norm, ~diverged, steps)
+        initial = values[0]
+        info = InferInfo(
+            value, diverged, steps, None, norm, ~diverged, steps, initial, rose(initial, value)
+        )
         return eqx.combine(diff, static), opt_state, info
 
 
@@ -476,6 +486,8 @@ def make_train_step(
                 info.grad_norm,
                 info.converged,
                 info.evaluations,
+                info.initial_energy,
+                info.energy_rose,
             ),
         )
 

@@ -123,6 +123,9 @@ def test_equilibrium_with_kronecker_natural_gradient(data):
     )
     assert max_rel(moved(got, w), moved(expected, w)) < 5e-6  # measured 9.7e-7
     assert bool(info.converged) and not bool(info.diverged)
+    start = energy(w, x @ w["w1"], y, x)  # inference starts at the feedforward pass
+    assert float(info.initial_energy) == pytest.approx(float(start), rel=1e-5)
+    assert float(info.energy) < float(start) and not bool(info.energy_rose)
 
 
 def test_fixed_predictions_with_natural_gradient_uses_the_feedforward_fisher(data):
@@ -153,6 +156,9 @@ def test_incremental_with_fixed_predictions(data, natural):
         max_rel(moved(got, w), moved(expected, w)) < 5e-6
     )  # measured 4.0e-7 (sgd), 1.0e-6 (natural)
     assert int(info.inference_steps) == 4
+    start = 0.5 * P_Y * jnp.sum((y - jnp.tanh(x @ w["w1"]) @ w["w2"]) ** 2)
+    assert float(info.initial_energy) == pytest.approx(float(start), rel=1e-5)
+    assert not bool(info.energy_rose)
 
 
 def test_incremental_with_natural_gradient_takes_the_fisher_at_the_current_states(data):

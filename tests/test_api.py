@@ -97,7 +97,10 @@ def test_vmap_over_samples_equals_batched_inference(problem):
     batched, info = pc.infer(mlp, params, latent, x, observed, steps=7)
     for name in batched:
         np.testing.assert_allclose(per_sample[name], batched[name], rtol=1e-12)
-    np.testing.assert_allclose(jnp.sum(energies), info.energy, rtol=1e-12)
+    # The same terms summed in another order (per sample, then over samples): float32 rounding
+    # only (measured 6.7e-8, one unit in the last place; bit-equal before the scan also kept
+    # the starting energy, by the luck of XLA's fusion).
+    np.testing.assert_allclose(jnp.sum(energies), info.energy, rtol=1e-6)
 
 
 def test_grad_through_inference_matches_finite_differences(problem64):

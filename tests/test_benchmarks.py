@@ -316,3 +316,39 @@ def test_alignment_summary_finds_how_far_the_error_reached():
     assert deep_align.summary(nowhere)["aligned_from"] == 4
     # A block the error has not reached has a zero gradient: cosine 0, not NaN.
     assert float(deep_align._cosine(jnp.zeros(3), jnp.ones(3))) == 0.0
+
+
+def test_deep_backprop_step_is_one_hand_written_sgd_step():
+    import optax
+    from experiments import deep
+
+    model = nn.ResidualMLP(6, 4, 3, 2, key=jax.random.PRNGKey(1))
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, 6))
+    y = jax.nn.one_hot(jnp.arange(5) % 2, 2)
+    a, b, c = model.multipliers
+
+    def loss(stem, blocks, head):  # the network written out, blocks unrolled
+        h = a * x @ stem.T
+        for w in blocks:
+            h = h + b * jax.nn.relu(h) @ w.T
+        return 0.5 * jnp.sum((y - c * jax.nn.relu(h) @ head.T) ** 2)
+
+    expected = jax.grad(loss, (0, 1, 2))(model.stem, model.blocks, model.head)
+    optimizer = optax.sgd(1.0)
+    step = deep.backprop_step(nn.call, optimizer)
+    new, _, info = step(model, optimizer.init(model), x, {deep.OUTPUT: y})
+    moved = (model.stem - new.stem, model.blocks - new.blocks, model.head - new.head)
+    for got, want in zip(moved, expected):  # measured 9.7e-8: rounding of params - new
+        np.testing.assert_allclose(got, want, rtol=0, atol=3e-7)
+    assert not bool(info.diverged) and not info.energy_rose
+
+
+def test_deep_curve_view_lines_up_the_runs_by_step():
+    config = {"inference": "pc", "width": 4}
+    runs = {
+        "mupc 128": {"curve": [[200, 0.9], [400, 0.95]]},
+        "mupc 16": {"curve": [[400, 0.96]]},
+    }
+    document = harness.result_document("deep", config, {"runs": runs}, 1.0, {"date": "x"})
+    rows = report.render_deep(document, "curve").splitlines()[-2:]
+    assert rows == ["| 200 | 0.9000 | - |", "| 400 | 0.9500 | 0.9600 |"]

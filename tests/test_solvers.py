@@ -117,6 +117,36 @@ def test_throw_raises_when_tol_is_not_reached_or_the_energy_diverges(gaussian):
     assert bool(info.converged)
 
 
+def start_energy(params, y):
+    """The energy at the start of `infer` (z = 0), written out."""
+    return 0.5 * jnp.sum(params["m"] ** 2) * y.shape[0] + 0.5 * P_Y * jnp.sum(
+        (y - params["b"]) ** 2
+    )
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [pc.ODE(), pc.GradientDescent(100, tol=1e-3), pc.GradientDescent(10, step_size=0.2)],
+    ids=["ode", "gd_tol", "gd"],
+)
+def test_the_report_keeps_the_starting_energy(gaussian, solver):
+    params, x, y, _, _ = gaussian
+    _, info = infer(solver, params, x, y)
+    assert float(info.initial_energy) == pytest.approx(float(start_energy(params, y)), rel=1e-6)
+    assert float(info.energy) < float(info.initial_energy) and not bool(info.energy_rose)
+
+
+def test_a_finite_run_whose_energy_rose_is_flagged(gaussian):
+    """State step 1.0 on a Hessian with largest eigenvalue 2.49: that component grows by 1.49
+    a step, so after 10 steps the energy is far above its start yet finite. `diverged` cannot
+    see it; `energy_rose` does (the silent failure measured on a trained 128-block network)."""
+    params, x, y, _, _ = gaussian
+    _, info = infer(pc.GradientDescent(10, step_size=1.0), params, x, y)
+    assert not bool(info.diverged) and np.isfinite(float(info.energy))
+    assert float(info.energy) > 10 * float(start_energy(params, y))  # measured: 814 times
+    assert bool(info.energy_rose)
+
+
 def test_ode_reaches_equilibrium_in_fewer_evaluations_than_gradient_descent():
     """The demo's MLP (GELU, pre-activation nodes, label clamped) at the demo's state step
     size 0.1, on a batch of the offline digits: evaluations of the state field until every

@@ -1,8 +1,8 @@
 """Deep residual PC networks on MNIST: muPC against the standard parameterisation.
 
     python benchmarks/run.py deep [--depths 16,128] [--epochs 1] [--batch 32] [--width 32]
-        [--inference epc] [--inference-steps 16] [--state-step 0.01] [--state-momentum 0]
-        [--output-precision 1] [--lr 1e-3] [--cosine]
+        [--inference epc|pc|backprop] [--inference-steps 16] [--state-step 0.01]
+        [--state-momentum 0] [--output-precision 1] [--lr 1e-3] [--cosine]
         [--network ResidualMLP] [--data-dir DIR] [--max-steps N] [--reuse EARLIER.json]
 
 `pcjax.nn.ResidualMLP(784, width, depth, 10, parameterisation="mupc" | "standard")` (muPC's
@@ -11,9 +11,13 @@ in one `lax.scan` so that compilation does not grow with depth, trained with
 `pc.Equilibrium(pc.GradientDescent(T, step_size=a))` and Adam (optionally cosine-decayed) at
 the same learning rate for every depth and parameterisation (muPC's promise: the learning rate
 transfers across depth). `--inference epc` relaxes the prediction errors
-(`pc.error_parameterised`), `pc` the states (standard PC). Recorded per run: the test accuracy
-(feedforward prediction, 10,000 test images) after every epoch (and every `--eval-every`
-steps), seconds per epoch (training only), divergence (a non-finite energy stops the run).
+(`pc.error_parameterised`), `pc` the states (standard PC); `backprop` trains the same network
+on the same batches with `jax.grad` of the output node's squared error (the reference).
+Recorded per run: the test accuracy (feedforward prediction, 10,000 test images) after every
+epoch (and every `--eval-every` steps), seconds per epoch (training only), divergence (a
+non-finite energy stops the run), and how many steps' inference left the energy above its
+start (`TrainInfo.energy_rose`: a state step too large for the network, which need not produce
+a NaN).
 `--reuse` takes the runs of an earlier result file made with the same settings instead of
 rerunning them (each marked `reused_from`), so that one table can grow run by run.
 
@@ -31,7 +35,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import data as bdata
 import equinox as eqx
@@ -53,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--inference", choices=["pc", "epc"], default="epc")
+    parser.add_argument("--inference", choices=["pc", "epc", "backprop"], default="epc")
     parser.add_argument("--inference-steps", type=int, default=16)
     parser.add_argument("--state-step", type=float, default=0.01)
     parser.add_argument(
@@ -137,7 +141,10 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, total) if args.cosine else args.lr)
     precision = {OUTPUT: jnp.asarray(args.output_precision, jnp.float32)}
     rule = pc.Equilibrium(solver)
-    step = eqx.filter_jit(pc.make_train_step(fn, rule, optimizer, precision=precision))
+    if args.inference == "backprop":
+        step = backprop_step(net, optimizer)
+    else:
+        step = eqx.filter_jit(pc.make_train_step(fn, rule, optimizer, precision=precision))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     predict = eqx.filter_jit(lambda m, x: jnp.argmax(net(m, x), -1))
 
@@ -145,7 +152,7 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         return accuracy_on(predict, m, x_test, y_test)
 
     rng = np.random.default_rng(args.seed)
-    curve, epochs, done, diverged = [], [], 0, False
+    curve, epochs, done, diverged, rose = [], [], 0, False, 0
     for epoch in range(args.epochs):
         order = rng.permutation(len(x_train))
         seconds = 0.0
@@ -158,6 +165,7 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
             model, opt_state, info = step(model, opt_state, *batch)
             diverged = bool(info.diverged)  # blocks: the step's time is complete
             seconds += time.perf_counter() - start
+            rose += bool(info.energy_rose)  # inference left the energy above its start
             done += 1
             if diverged:
                 break
@@ -177,7 +185,37 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         f"depth {depth}, {'muPC' if mupc else 'standard'}: final {final}, diverged {diverged} "
         f"after {done} steps"
     )
-    return {"curve": curve, "epochs": epochs, "steps": done, "diverged": diverged, "final": final}
+    return {
+        "curve": curve,
+        "epochs": epochs,
+        "steps": done,
+        "diverged": diverged,
+        "energy_rose_steps": rose,
+        "final": final,
+    }
+
+
+class BackpropInfo(NamedTuple):
+    """What `backprop_step` reports, named as in `pcjax.TrainInfo`."""
+
+    diverged: jax.Array
+    energy_rose: bool = False
+
+
+def backprop_step(net, optimizer: optax.GradientTransformation):
+    """A jitted backprop step on 1/2 |y - net(model, x)|^2 with the signature of a pcjax
+    training step (`observed` holds the label under the output node's name)."""
+
+    @eqx.filter_jit
+    def step(model, opt_state, x, observed):
+        def loss(m):
+            return 0.5 * jnp.sum((observed[OUTPUT] - net(m, x)) ** 2)
+
+        value, grads = eqx.filter_value_and_grad(loss)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, BackpropInfo(~jnp.isfinite(value))
+
+    return step
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
