@@ -395,9 +395,7 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
     momentum = f" with momentum {c['state_momentum']:g}" if c.get("state_momentum") else ""
     precision = c.get("output_precision", 1.0)
     output = f"output precision {precision:g}, " if precision != 1.0 else ""
-    reused = sorted(
-        {r["reused_from"] for r in document["results"]["runs"].values() if "reused_from" in r}
-    )
+    reused = sorted({r["reused_from"] for r in runs.values() if "reused_from" in r})
     if c["inference"] == "backprop":
         learning = "backprop (jax.grad of the output's squared error), "
     else:

@@ -132,19 +132,14 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         kind = "mupc" if mupc else "standard"
         model = nn.ResidualMLP(784, args.width, depth, 10, key=key, parameterisation=kind)
     net = nn.call
-    fn = pc.error_parameterised(net) if args.inference == "epc" else net
-    state_step = args.state_step / depth if args.step_over_depth else args.state_step
-    momentum = args.state_momentum or None
-    solver = pc.GradientDescent(args.inference_steps, optax.sgd(state_step, momentum=momentum))
     per_epoch = len(x_train) // args.batch
     total = args.epochs * per_epoch if args.max_steps is None else args.max_steps
     optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, total) if args.cosine else args.lr)
-    precision = {OUTPUT: jnp.asarray(args.output_precision, jnp.float32)}
-    rule = pc.Equilibrium(solver)
-    if args.inference == "backprop":
-        step = backprop_step(net, optimizer)
-    else:
-        step = eqx.filter_jit(pc.make_train_step(fn, rule, optimizer, precision=precision))
+    step = (
+        backprop_step(net, optimizer)
+        if args.inference == "backprop"
+        else pc_step(args, depth, optimizer)
+    )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     predict = eqx.filter_jit(lambda m, x: jnp.argmax(net(m, x), -1))
 
@@ -193,6 +188,18 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         "energy_rose_steps": rose,
         "final": final,
     }
+
+
+def pc_step(args, depth: int, optimizer: optax.GradientTransformation):
+    """The jitted PC training step: `Equilibrium` with heavy-ball gradient descent on the
+    states (`--inference pc`) or on the errors (`epc`), the output node at its precision."""
+    fn = pc.error_parameterised(nn.call) if args.inference == "epc" else nn.call
+    state_step = args.state_step / depth if args.step_over_depth else args.state_step
+    momentum = args.state_momentum or None
+    solver = pc.GradientDescent(args.inference_steps, optax.sgd(state_step, momentum=momentum))
+    precision = {OUTPUT: jnp.asarray(args.output_precision, jnp.float32)}
+    rule = pc.Equilibrium(solver)
+    return eqx.filter_jit(pc.make_train_step(fn, rule, optimizer, precision=precision))
 
 
 class BackpropInfo(NamedTuple):
