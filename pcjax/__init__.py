@@ -46,12 +46,13 @@ from ._rules import (
     make_train_step,
 )
 from ._sharding import cross_device_mean, data_mesh, replicate, shard_batch
-from ._solvers import ODE, GradientDescent, InferInfo
+from ._solvers import ODE, ConjugateGradient, GradientDescent, InferInfo
 from ._tagging import dense, forward_init, mixed_precision, node
 
 __all__ = [
     "ODE",
     "Amortised",
+    "ConjugateGradient",
     "Context",
     "DiagonalPrecision",
     "Equilibrium",

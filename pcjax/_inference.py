@@ -20,7 +20,7 @@ import optax
 
 from ._energy import Precision, checked_values, node_dicts
 from ._models import EnergyModel, as_model, fixed_predictions, preconditioned
-from ._solvers import AbstractSolver, GradientDescent, InferInfo
+from ._solvers import AbstractSolver, GradientDescent, InferInfo, check_solver_fits
 from ._tagging import Nodes, scan_depths
 
 Array = jax.Array
@@ -46,7 +46,8 @@ def infer(
     - `fn`: the tagged forward function, or an energy transformation of it
       (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
       `pcjax.error_parameterised(fn)`: the solver then runs on the errors).
-    - `solver`: `pcjax.GradientDescent(steps, optimizer, tol=...)` or `pcjax.ODE(...)`.
+    - `solver`: `pcjax.GradientDescent(steps, optimizer, tol=...)`, `pcjax.ODE(...)` or
+      `pcjax.ConjugateGradient(steps)`.
     - `precision`: the node precisions (see `pcjax.energy`).
     - `key`: a `jax.random` key for stochastic solvers (`GradientDescent(optimizer=
       pcjax.langevin(eta))`): update `t` uses `jax.random.fold_in(key, t)`, so the same key
@@ -73,7 +74,8 @@ def infer(
         )
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
-            "pcjax.infer: `solver` must be a pcjax solver (pcjax.GradientDescent, pcjax.ODE), "
+            "pcjax.infer: `solver` must be a pcjax solver (pcjax.GradientDescent, pcjax.ODE, "
+            "pcjax.ConjugateGradient), "
             f"got {type(solver).__name__}."
         )
     model = as_model(fn, "pcjax.infer")
@@ -81,7 +83,9 @@ def infer(
     _, spec = checked_values(model.fn, params, states, x, observed, precision)
     field = model.field(params, x, observed, spec)
     variables = model.to_variables(params, x, observed, states)
-    variables, info = run_solver(solver, field, variables, key, scan_depths(model.fn, params, x))
+    depths = scan_depths(model.fn, params, x)
+    check_solver_fits(solver, model, "pcjax.infer", {**states, **observed}, depths)
+    variables, info = run_solver(solver, field, variables, key, depths)
     return model.to_states(params, x, observed, variables), info
 
 

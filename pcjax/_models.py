@@ -33,7 +33,7 @@ which natural gradients take the Fisher information).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -64,6 +64,8 @@ class EnergyModel(eqx.Module):
     """Base class of the energy transformations: the standard energy of `fn`."""
 
     fn: Callable[..., Any] = eqx.field(static=True)
+    # Whether `field` is the gradient of an energy (solvers such as ConjugateGradient rely on it).
+    field_is_gradient: ClassVar[bool] = True
 
     def to_variables(self, params: Any, x: Any, observed: Nodes, states: Nodes) -> Nodes:
         """The inference variables of the free `states` (the states themselves here)."""
@@ -125,6 +127,8 @@ class FixedPredictions(EnergyModel):
     """The fixed-prediction assumption: predictions and Jacobians frozen at the feedforward
     pass (see the module docstring). Made by `pcjax.fixed_predictions(fn)`."""
 
+    field_is_gradient: ClassVar[bool] = False
+
     def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
         feedforward = forward_init(self.fn, params, x)
         frozen, vjp = jax.vjp(
@@ -178,6 +182,7 @@ class Preconditioned(EnergyModel):
     """Inference preconditioned by each node's inverse precision; learning as `model`'s. Made
     by `pcjax.preconditioned(model)`."""
 
+    field_is_gradient: ClassVar[bool] = False
     model: EnergyModel
 
     def __init__(self, model: EnergyModel):

@@ -46,7 +46,7 @@ from ._energy import (
     node_term,
 )
 from ._models import EnergyModel, Preconditioned, precondition_grads
-from ._solvers import AbstractSolver, InferInfo
+from ._solvers import AbstractSolver, InferInfo, check_solver_fits
 
 Array = jax.Array
 MODES = ("positive", "negative", "centred")
@@ -113,6 +113,7 @@ def nudged_gradients(
 
     def relaxed(sign: float, key: Array | None) -> tuple[Any, Any, InferInfo]:
         r"""The nudged equilibrium, $G(\text{sign} \cdot \beta)$ there and the solver's report."""
+        check_solver_fits(solver, model, "pcjax.Nudged", feedforward, sample_axes)
         states, steps, evaluations, energies_, initial = solver.run(
             field(sign), dict(feedforward), key=key, sample_axes=sample_axes
         )

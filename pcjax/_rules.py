@@ -51,6 +51,7 @@ from ._solvers import (
     DIVERGED_MESSAGE,
     AbstractSolver,
     InferInfo,
+    check_solver_fits,
     check_steps,
     per_sample_grad_norm,
     real,
@@ -125,7 +126,7 @@ def _check_solver(solver: Any, rule: str) -> AbstractSolver:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             f"pcjax.{rule}: `solver` must be a pcjax solver (pcjax.GradientDescent(steps), "
-            f"pcjax.ODE()), got {type(solver).__name__}."
+            f"pcjax.ODE(), pcjax.ConjugateGradient(steps)), got {type(solver).__name__}."
         )
     return solver
 
@@ -153,6 +154,9 @@ def _relax(
     """Relax the free states from `start` with `solver` (in the model's inference variables),
     then `(relaxed states, dF/dparams there, the solver's report)`."""
     model, observed, x = problem.model, problem.observed, problem.x
+    check_solver_fits(
+        solver, model, "pcjax.make_train_step", {**start, **observed}, problem.sample_axes
+    )
     field = model.field(params, x, observed, problem.spec)
     variables, steps, evaluations, energies, initial = solver.run(
         field,

@@ -217,6 +217,28 @@ def test_preconditioned_fixed_predictions_reach_the_closed_form_equilibrium(data
     assert error < 2e-5  # measured 4.8e-6 (ODE), 6.3e-6 (gradient descent); tol / P_H = 5e-6
 
 
+def test_equilibrium_with_conjugate_gradient_learns_at_the_dense_newton_equilibrium(data):
+    """Newton-CG on the tanh network's states (4 per sample, so 4 CG iterations solve each
+    Newton system) against the equilibrium written out: Newton's method with each sample's
+    dense 4x4 Hessian (`jax.hessian` of the hand-written energy) and `jnp.linalg.solve`."""
+    w, x, y = data
+    h = x @ w["w1"]
+    for _ in range(6):
+        for n in range(B):
+            one = lambda v, n=n: energy(w, v[None], y[n : n + 1], x[n : n + 1])  # noqa: E731
+            step = jnp.linalg.solve(jax.hessian(one)(h[n]), jax.grad(one)(h[n]))
+            h = h.at[n].add(-step)
+    assert float(jnp.max(jnp.abs(jax.grad(energy, 1)(w, h, y, x)))) < 1e-5
+    expected = sgd(w, jax.tree.map(lambda g: g / B, jax.grad(energy)(w, h, y, x)))
+    rule = pc.Equilibrium(pc.ConjugateGradient(4, newton_steps=3))
+    got, _, info = run(net, rule, optax.sgd(LR), w, x, y)
+    assert float(info.grad_norm) < 2e-6 and not bool(info.energy_rose)  # measured 3.5e-7
+    # measured 0.0 (the float32 states agree to rounding); two Newton rounds give 1.7e-5
+    assert max_rel(moved(got, w), moved(expected, w)) < 1e-6
+    with pytest.raises(ValueError, match="needs the state field to be the gradient"):
+        run(pc.fixed_predictions(net), rule, optax.sgd(LR), w, x, y)
+
+
 def test_natural_gradient_under_inject_hyperparams_and_a_damping_schedule(data):
     w, x, y = data
     rule = pc.Equilibrium(pc.GradientDescent(5, step_size=A))

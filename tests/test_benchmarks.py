@@ -352,3 +352,68 @@ def test_deep_curve_view_lines_up_the_runs_by_step():
     document = harness.result_document("deep", config, {"runs": runs}, 1.0, {"date": "x"})
     rows = report.render_deep(document, "curve").splitlines()[-2:]
     assert rows == ["| 200 | 0.9000 | - |", "| 400 | 0.9500 | 0.9600 |"]
+
+
+def test_deep_resumes_a_checkpointed_run_exactly(tmp_path, monkeypatch):
+    """A run interrupted after its step 7 and started again from its checkpoint (saved after
+    step 6, mid-way through the second epoch) ends with the same parameters, optimizer state
+    and record as the same run made in one go."""
+    import argparse
+
+    import equinox as eqx
+    from experiments import deep
+
+    import pcjax as pc
+
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(32, 784)).astype(np.float32)
+    y_train = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 32)]
+    data = (x_train, y_train, jnp.asarray(x_train[:16]), y_train[:16].argmax(1))
+    args = argparse.Namespace(
+        network="ResidualMLP", width=8, batch=8, epochs=2, max_steps=None, lr=0.01, cosine=True,
+        inference="pc", inference_steps=4, state_step=0.2, state_momentum=0.0,
+        step_over_depth=False, output_precision=1.0, eval_every=2, checkpoint_every=3, seed=0,
+    )  # fmt: skip
+
+    def run(directory):
+        return deep.train(
+            argparse.Namespace(**vars(args), checkpoint=str(directory)), 2, True, data
+        )
+
+    whole = run(tmp_path / "whole")
+    built = deep.pc_step
+
+    def interrupted(*a):
+        step, calls = built(*a), []
+
+        def counted(*b):
+            calls.append(1)
+            if len(calls) > 7:
+                raise KeyboardInterrupt
+            return step(*b)
+
+        return counted
+
+    monkeypatch.setattr(deep, "pc_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    assert pc.checkpoint_metadata(tmp_path / "resumed" / "mupc-2.ckpt")["done"] == 6
+    monkeypatch.setattr(deep, "pc_step", built)
+    resumed = run(tmp_path / "resumed")
+    assert resumed["curve"] == whole["curve"] and resumed["steps"] == whole["steps"] == 8
+    like = deep.nn.ResidualMLP(784, 8, 2, 10, key=jax.random.PRNGKey(0))
+    optimizer = deep.optax.adam(deep.optax.cosine_decay_schedule(0.01, 8))
+    like = (like, optimizer.init(eqx.filter(like, eqx.is_inexact_array)))
+    trees = [
+        pc.load_checkpoint(path / "mupc-2.ckpt", like)[0]
+        for path in (tmp_path / "whole", tmp_path / "resumed")
+    ]
+    for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"other settings: \['lr'\]"):
+        deep.train(
+            argparse.Namespace(**{**vars(args), "lr": 0.1}, checkpoint=str(tmp_path / "whole")),
+            2,
+            True,
+            data,
+        )

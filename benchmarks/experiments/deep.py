@@ -4,6 +4,7 @@
         [--inference epc|pc|backprop] [--inference-steps 16] [--state-step 0.01]
         [--state-momentum 0] [--output-precision 1] [--lr 1e-3] [--cosine]
         [--network ResidualMLP] [--data-dir DIR] [--max-steps N] [--reuse EARLIER.json]
+        [--checkpoint DIR] [--checkpoint-every 100]
 
 `pcjax.nn.ResidualMLP(784, width, depth, 10, parameterisation="mupc" | "standard")` (muPC's
 network; `--network ResNet`: `pcjax.nn.ResNet(..., mupc=..., scan_layers=True)`), its blocks
@@ -20,6 +21,10 @@ start (`TrainInfo.energy_rose`: a state step too large for the network, which ne
 a NaN).
 `--reuse` takes the runs of an earlier result file made with the same settings instead of
 rerunning them (each marked `reused_from`), so that one table can grow run by run.
+`--checkpoint DIR` saves each run's parameters, optimizer state and record every
+`--checkpoint-every` steps and at every epoch's end; the same command started again resumes
+there (the batches drawn as in an uninterrupted run), so that a run longer than a session can
+be finished in several.
 
 `--step-over-depth` divides the state step by the depth. In ePC's error coordinates an offset
 shared by every block moves the top of the residual stream depth times as far (the field's
@@ -90,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an earlier deep.json with the same settings: its runs are kept, not rerun",
     )
     parser.add_argument(
+        "--checkpoint",
+        help="a directory: save each run's state there every --checkpoint-every steps and "
+        "resume from it when the same command runs again (long runs across sessions)",
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
         "--network",
         choices=["ResidualMLP", "ResNet"],
         default="ResidualMLP",
@@ -146,12 +157,28 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     def accuracy(m) -> float:
         return accuracy_on(predict, m, x_test, y_test)
 
+    progress = {"done": 0, "curve": [], "epochs": [], "rose": 0, "seconds": 0.0}
+    saved = checkpoint_path(args, depth, mupc)
+    if saved is not None and saved.exists():
+        (model, opt_state), progress = pc.load_checkpoint(saved, (model, opt_state))
+        check_same_settings(progress.pop("config"), checkpoint_config(args), saved)
+        harness.log(f"  resuming {saved.name} after step {progress['done']}")
+    curve, epochs, done, rose = (progress[k] for k in ("curve", "epochs", "done", "rose"))
+    diverged = False
+
+    def save(seconds: float) -> None:
+        if saved is not None:
+            state = {"done": done, "curve": curve, "epochs": epochs, "rose": rose}
+            metadata = {**state, "seconds": seconds, "config": checkpoint_config(args)}
+            pc.save_checkpoint(saved, (model, opt_state), metadata=metadata)
+
     rng = np.random.default_rng(args.seed)
-    curve, epochs, done, diverged, rose = [], [], 0, False, 0
     for epoch in range(args.epochs):
-        order = rng.permutation(len(x_train))
-        seconds = 0.0
-        for i in range(per_epoch):
+        order = rng.permutation(len(x_train))  # drawn for every epoch, so a resume replays it
+        if epoch < len(epochs):
+            continue  # finished before the resume
+        seconds = progress["seconds"] if done > epoch * per_epoch else 0.0
+        for i in range(done - epoch * per_epoch, per_epoch):
             if args.max_steps is not None and done >= args.max_steps:
                 break
             idx = order[i * args.batch : (i + 1) * args.batch]
@@ -165,12 +192,15 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
             if diverged:
                 break
             if done % args.eval_every == 0:
-                curve.append((done, accuracy(model)))
+                curve.append([done, accuracy(model)])
                 harness.log(f"    step {done}: test {curve[-1][1]:.4f}")
+            if done % args.checkpoint_every == 0 and done % per_epoch:
+                save(seconds)
         epochs.append({"epoch": epoch + 1, "seconds": seconds, "steps": done})
         if diverged or (args.max_steps is not None and done >= args.max_steps):
             break
         epochs[-1]["test_accuracy"] = accuracy(model)
+        save(0.0)
         harness.log(
             f"  depth {depth}, {'muPC' if mupc else 'standard'}: epoch {epoch + 1} test "
             f"{epochs[-1]['test_accuracy']:.4f} ({seconds:.0f} s)"
@@ -188,6 +218,26 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         "energy_rose_steps": rose,
         "final": final,
     }
+
+
+def checkpoint_path(args, depth: int, mupc: bool) -> Path | None:
+    """Where `--checkpoint` keeps the run of this depth and parameterisation."""
+    if not args.checkpoint:
+        return None
+    Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
+    return Path(args.checkpoint) / f"{'mupc' if mupc else 'standard'}-{depth}.ckpt"
+
+
+def checkpoint_config(args) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that saved it."""
+    ignored = ("out", "experiment", "reuse", "depths", "parameterisations", "checkpoint")
+    return {k: v for k, v in vars(args).items() if k not in ignored}
+
+
+def check_same_settings(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
+    if saved != ours:
+        differing = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        raise ValueError(f"deep --checkpoint: {path} was saved with other settings: {differing}")
 
 
 def pc_step(args, depth: int, optimizer: optax.GradientTransformation):
