@@ -222,15 +222,22 @@ def test_equilibrium_with_conjugate_gradient_learns_at_the_dense_newton_equilibr
     Newton system) against the equilibrium written out: Newton's method with each sample's
     dense 4x4 Hessian (`jax.hessian` of the hand-written energy) and `jnp.linalg.solve`."""
     w, x, y = data
+
+    def one(v, yn, xn):  # one sample's energy, written out above
+        return energy(w, v[None], yn[None], xn[None])
+
+    @jax.jit
+    def newton(h):
+        hessians = jax.vmap(jax.hessian(one))(h, y, x)
+        grads = jax.vmap(jax.grad(one))(h, y, x)
+        return h - jnp.linalg.solve(hessians, grads[..., None])[..., 0]
+
     h = x @ w["w1"]
     for _ in range(6):
-        for n in range(B):
-            one = lambda v, n=n: energy(w, v[None], y[n : n + 1], x[n : n + 1])  # noqa: E731
-            step = jnp.linalg.solve(jax.hessian(one)(h[n]), jax.grad(one)(h[n]))
-            h = h.at[n].add(-step)
+        h = newton(h)
     assert float(jnp.max(jnp.abs(jax.grad(energy, 1)(w, h, y, x)))) < 1e-5
     expected = sgd(w, jax.tree.map(lambda g: g / B, jax.grad(energy)(w, h, y, x)))
-    rule = pc.Equilibrium(pc.ConjugateGradient(4, newton_steps=3))
+    rule = pc.Equilibrium(pc.ConjugateGradient(4, newton_steps=3, per_sample=True))
     got, _, info = run(net, rule, optax.sgd(LR), w, x, y)
     assert float(info.grad_norm) < 2e-6 and not bool(info.energy_rose)  # measured 3.5e-7
     # measured 0.0 (the float32 states agree to rounding); two Newton rounds give 1.7e-5

@@ -298,6 +298,24 @@ def test_deep_reuses_runs_only_with_the_same_settings(tmp_path):
         deep.reusable_runs(str(path), {**config, "lr": 0.1})
 
 
+def test_deep_records_the_same_settings_with_or_without_checkpoints():
+    """Saving checkpoints does not change a run's results, so it must not change the settings
+    recorded with them (else `--reuse` refuses every earlier result file)."""
+    import argparse
+
+    from experiments import deep
+
+    parser = argparse.ArgumentParser()
+    deep.add_arguments(parser)
+    plain = deep.result_config(parser.parse_args([]))
+    saving = parser.parse_args(["--checkpoint", "somewhere", "--checkpoint-every", "7"])
+    assert deep.result_config(saving) == plain
+    recorded = json.loads((BENCHMARKS / "results" / "deep-pc-320.json").read_text())["config"]
+    assert set(plain) == set(recorded)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint-every", "0"])
+
+
 def test_alignment_summary_finds_how_far_the_error_reached():
     from experiments import deep_align
 

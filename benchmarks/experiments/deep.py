@@ -99,13 +99,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a directory: save each run's state there every --checkpoint-every steps and "
         "resume from it when the same command runs again (long runs across sessions)",
     )
-    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100)
     parser.add_argument(
         "--network",
         choices=["ResidualMLP", "ResNet"],
         default="ResidualMLP",
         help="pcjax.nn.ResidualMLP (muPC's network) or pcjax.nn.ResNet (two-layer branches)",
     )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -157,11 +164,16 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     def accuracy(m) -> float:
         return accuracy_on(predict, m, x_test, y_test)
 
-    progress = {"done": 0, "curve": [], "epochs": [], "rose": 0, "seconds": 0.0}
+    # The record so far; "seconds": the training time of the epoch in progress (0 at its start).
+    progress = {"done": 0, "curve": [], "epochs": [], "rose": 0, "seconds": 0.0, "resumed_at": []}
     saved = checkpoint_path(args, depth, mupc)
     if saved is not None and saved.exists():
         (model, opt_state), progress = pc.load_checkpoint(saved, (model, opt_state))
-        check_same_settings(progress.pop("config"), checkpoint_config(args), saved)
+        ours, theirs = checkpoint_config(vars(args)), checkpoint_config(progress.pop("config"))
+        check_same_settings(theirs, ours, saved)
+        progress.setdefault("resumed_at", []).append(
+            progress["done"]
+        )  # that epoch's time includes a compile
         harness.log(f"  resuming {saved.name} after step {progress['done']}")
     curve, epochs, done, rose = (progress[k] for k in ("curve", "epochs", "done", "rose"))
     diverged = False
@@ -169,7 +181,8 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
     def save(seconds: float) -> None:
         if saved is not None:
             state = {"done": done, "curve": curve, "epochs": epochs, "rose": rose}
-            metadata = {**state, "seconds": seconds, "config": checkpoint_config(args)}
+            state["resumed_at"] = progress["resumed_at"]
+            metadata = {**state, "seconds": seconds, "config": checkpoint_config(vars(args))}
             pc.save_checkpoint(saved, (model, opt_state), metadata=metadata)
 
     rng = np.random.default_rng(args.seed)
@@ -192,12 +205,15 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
             if diverged:
                 break
             if done % args.eval_every == 0:
-                curve.append([done, accuracy(model)])
+                curve.append([done, accuracy(model)])  # a list, as JSON gives it back
                 harness.log(f"    step {done}: test {curve[-1][1]:.4f}")
             if done % args.checkpoint_every == 0 and done % per_epoch:
                 save(seconds)
         epochs.append({"epoch": epoch + 1, "seconds": seconds, "steps": done})
-        if diverged or (args.max_steps is not None and done >= args.max_steps):
+        if diverged:
+            break
+        if args.max_steps is not None and done >= args.max_steps:
+            save(seconds)  # the record as it stands: a rerun resumes with nothing left to do
             break
         epochs[-1]["test_accuracy"] = accuracy(model)
         save(0.0)
@@ -217,6 +233,7 @@ def train(args, depth: int, mupc: bool, data) -> dict[str, Any]:
         "diverged": diverged,
         "energy_rose_steps": rose,
         "final": final,
+        **({"resumed_at_steps": progress["resumed_at"]} if progress["resumed_at"] else {}),
     }
 
 
@@ -228,10 +245,11 @@ def checkpoint_path(args, depth: int, mupc: bool) -> Path | None:
     return Path(args.checkpoint) / f"{'mupc' if mupc else 'standard'}-{depth}.ckpt"
 
 
-def checkpoint_config(args) -> dict[str, Any]:
+def checkpoint_config(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the run that saved it."""
     ignored = ("out", "experiment", "reuse", "depths", "parameterisations", "checkpoint")
-    return {k: v for k, v in vars(args).items() if k not in ignored}
+    ignored += ("checkpoint_every", "data_dir")  # neither changes what the run computes
+    return {k: v for k, v in settings.items() if k not in ignored}
 
 
 def check_same_settings(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
@@ -279,7 +297,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     data = mnist_arrays(args.data_dir)
     depths = [int(d) for d in args.depths.split(",")]
     kinds = args.parameterisations.split(",")
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "experiment", "reuse")}
+    config = result_config(args)
     earlier = reusable_runs(args.reuse, config) if args.reuse else {}
     results = {}
     for depth in depths:
@@ -287,6 +305,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             name = f"{kind} {depth}"
             results[name] = earlier.get(name) or train(args, depth, kind == "mupc", data)
     return config, {"runs": results}
+
+
+def result_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings recorded with the results (and compared by `--reuse`): all but where the
+    output goes and where and how often a run saves, which do not change the results."""
+    skipped = ("out", "experiment", "reuse", "checkpoint", "checkpoint_every")
+    return {k: v for k, v in vars(args).items() if k not in skipped}
 
 
 # Settings that may differ between a run and the file it reuses runs from.
