@@ -418,6 +418,44 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
     return caption(document, extra) + "\n\n" + table(header, rows)
 
 
+def render_deep_transfer(document: dict[str, Any], view: str | None = None) -> str:
+    """One row per (depth, width), one column per learning rate: the final test accuracy,
+    the row's best in bold."""
+    c, cells = document["config"], document["results"]["cells"]
+    lrs = sorted({cell["lr"] for cell in cells})
+    rows = []
+    for depth, width in sorted({(cell["depth"], cell["width"]) for cell in cells}):
+        row = {
+            cell["lr"]: cell for cell in cells if (cell["depth"], cell["width"]) == (depth, width)
+        }
+        finals = {lr: r["final"] for lr, r in row.items() if not r["diverged"]}
+        best = max(finals, key=finals.get) if finals else None
+        text = []
+        for lr in lrs:
+            if lr not in row:
+                text.append("-")
+            elif row[lr]["diverged"]:
+                text.append("diverged")
+            else:
+                value = f"{row[lr]['final']:.4f}"
+                text.append(f"**{value}**" if lr == best else value)
+        rows.append([str(depth), str(width), *text])
+    decay = " (cosine decay)" if c.get("cosine") else ""
+    over = " / depth" if c.get("step_over_depth") else ""
+    extra = (
+        f"nn.ResidualMLP (muPC, blocks scanned), {c['inference']} inference, T = "
+        f"{c['inference_steps']}, state step {c['state_step']:g}{over}, Adam{decay} for "
+        f"{c['max_steps']} steps, batch {c['batch']}, seed {c['seed']}, the same batches for "
+        "every cell; test accuracy on the 10,000 test images after training, the best learning "
+        "rate of each row in bold."
+    )
+    return (
+        caption(document, extra)
+        + "\n\n"
+        + table(["depth", "width", *(f"Adam {lr:g}" for lr in lrs)], rows)
+    )
+
+
 def render_deep_align(document: dict[str, Any], view: str | None = None) -> str:
     c, results = document["config"], document["results"]
     net = f"nn.ResidualMLP 784-{c['width']}x{c['depth']}-10 (muPC), batch {c['batch']}"
@@ -503,6 +541,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any], str | None], str]] = {
     "train-cnn": render_train_cnn,
     "deep": render_deep,
     "deep-align": render_deep_align,
+    "deep-transfer": render_deep_transfer,
     "fast": render_fast,
 }
 

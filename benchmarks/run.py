@@ -12,6 +12,7 @@ Experiments (`benchmarks/experiments/`; `python benchmarks/run.py <experiment> -
     train-cnn      the VGG-style CNN trained on MNIST by PC (and backprop)
     deep           16- and 128-layer residual PC networks, muPC vs standard parameterisation
     deep-align     standard PC's learning signal against backprop's, block by block (128 blocks)
+    deep-transfer  muPC's learning-rate transfer: the best learning rate across widths and depths
     fast           PC configurations vs backprop on the demo's MLP: step time, time to 98%
 
 Each writes one JSON file (`--out`, default `benchmarks/results/<experiment>[-quick].json`)
@@ -44,6 +45,7 @@ EXPERIMENTS = {
     "train-cnn": "experiments.train_cnn",
     "deep": "experiments.deep",
     "deep-align": "experiments.deep_align",
+    "deep-transfer": "experiments.deep_transfer",
     "fast": "experiments.fast",
 }
 

@@ -435,3 +435,20 @@ def test_deep_resumes_a_checkpointed_run_exactly(tmp_path, monkeypatch):
             True,
             data,
         )
+
+
+def test_deep_transfer_table_bolds_each_rows_best_learning_rate():
+    def cell(depth, width, lr, final, diverged=False):
+        return {"depth": depth, "width": width, "lr": lr, "final": final, "diverged": diverged}
+
+    cells = [
+        cell(16, 64, 0.01, 0.95),
+        cell(16, 64, 0.03, 0.96),
+        cell(128, 64, 0.01, 0.97),
+        cell(128, 64, 0.03, None, diverged=True),
+    ]
+    config = {"inference": "epc", "inference_steps": 1, "state_step": 0.25, "max_steps": 9}
+    config |= {"batch": 8, "seed": 0}
+    document = harness.result_document("deep-transfer", config, {"cells": cells}, 1.0, {})
+    rows = report.render_deep_transfer(document).splitlines()[-2:]
+    assert rows == ["| 16 | 64 | 0.9500 | **0.9600** |", "| 128 | 64 | **0.9700** | diverged |"]
