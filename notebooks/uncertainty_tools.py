@@ -194,9 +194,13 @@ def make_trainer(method, cfg: Config, d_in, d_out, n_train):
     return train
 
 
+# Built once: a jit of a fresh `jax.vmap(forward)` on every call would compile every call.
+_batched_forward = jax.jit(jax.vmap(forward))
+
+
 def predict(params, x):
     """Feedforward predictions of a batch of runs: (runs, n, d_out) means, log precisions."""
-    return jax.jit(jax.vmap(forward))(params, x)
+    return _batched_forward(params, x)
 
 
 def equilibrium_gap(method, params, x, y, cfg: Config, reference_steps=20_000):
