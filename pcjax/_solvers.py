@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._energy import batch_size
+
 Array = jax.Array
 Nodes = dict[str, Array]
 StateField = Callable[[Nodes], tuple[Array, Nodes]]
@@ -97,18 +99,14 @@ def check_solver_fits(
         )
     if not getattr(solver, "per_sample", False):
         return
-    axes = sample_axes or {}
-    sizes = {
-        name: jnp.shape(v)[axes.get(name, 0)]
-        for name, v in nodes.items()
-        if jnp.ndim(v) > axes.get(name, 0)
-    }
-    if len(set(sizes.values())) > 1:
+    try:
+        batch_size(nodes, sample_axes)  # raises if the nodes disagree on it
+    except ValueError as error:
         raise ValueError(
             f"{where}: {type(solver).__name__}(per_sample=True) runs one solve per sample, and "
-            "the nodes disagree on the number of samples (their batch axis, after any stacked "
-            f"scan axes): {sizes}. Every node needs the batch axis; or use per_sample=False."
-        )
+            f"the nodes disagree on the number of samples: {error} Every node needs the batch "
+            "axis; or use per_sample=False."
+        ) from None
 
 
 def rose(initial: Array, final: Array) -> Array:
