@@ -207,15 +207,18 @@ def equilibrium_gap(method, params, x, y, cfg: Config, reference_steps=20_000):
     """How far the training relaxation (`cfg`'s gradient descent) leaves the PC parameter
     gradient from the one at equilibrium: |g - g*| / |g*|, with g* after `reference_steps` steps
     of a 10x smaller step size (one run's `params`, one batch)."""
+    trained = _relaxed_param_grads(params, x, y, cfg.inference_steps, cfg.inference_step_size)
+    reference = _relaxed_param_grads(params, x, y, reference_steps, cfg.inference_step_size / 10)
+    return float(jnp.linalg.norm(trained - reference) / jnp.linalg.norm(reference))
+
+
+@eqx.filter_jit  # one compile per parameter structure and step count, shared across calls
+def _relaxed_param_grads(params, x, y, steps: int, step_size: float) -> jax.Array:
+    """The flattened PC parameter gradient after `steps` gradient-descent state updates."""
     precision = params.get("precision")
     start = pc.forward_init(network, params, x)
     free = {k: v for k, v in start.items() if k != "y"}
-
-    def grads(solver):
-        states, _ = pc.infer(network, params, free, x, {"y": y}, solver=solver, precision=precision)
-        g = pc.param_grads(network, params, states, x, {"y": y}, precision=precision)
-        return jax.flatten_util.ravel_pytree(g)[0]
-
-    trained = grads(pc.GradientDescent(cfg.inference_steps, step_size=cfg.inference_step_size))
-    reference = grads(pc.GradientDescent(reference_steps, step_size=cfg.inference_step_size / 10))
-    return float(jnp.linalg.norm(trained - reference) / jnp.linalg.norm(reference))
+    solver = pc.GradientDescent(steps, step_size=step_size)
+    states, _ = pc.infer(network, params, free, x, {"y": y}, solver=solver, precision=precision)
+    g = pc.param_grads(network, params, states, x, {"y": y}, precision=precision)
+    return jax.flatten_util.ravel_pytree(g)[0]
