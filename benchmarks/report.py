@@ -396,6 +396,11 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
     precision = c.get("output_precision", 1.0)
     output = f"output precision {precision:g}, " if precision != 1.0 else ""
     reused = sorted({r["reused_from"] for r in runs.values() if "reused_from" in r})
+    resumed = [
+        f"{name} after step {', '.join(map(str, r['resumed_at_steps']))}"
+        for name, r in runs.items()
+        if r.get("resumed_at_steps")
+    ]
     if c["inference"] == "backprop":
         learning = "backprop (jax.grad of the output's squared error), "
     else:
@@ -411,6 +416,13 @@ def render_deep(document: dict[str, Any], view: str | None = None) -> str:
         f"{c['batch']}, seed {c['seed']}; test accuracy of the feedforward prediction on the "
         "10,000 test images."
         + (f" (†): measured with the same settings in {', '.join(reused)}." if reused else "")
+        + (
+            f" Resumed from its checkpoint: {'; '.join(resumed)} (the run time is the last"
+            " session's; seconds per epoch add up the training time of every session, one"
+            " compilation per resume included)."
+            if resumed
+            else ""
+        )
     )
     header = ["run", "steps", "final test accuracy", "test accuracy per epoch", "s per epoch"]
     if rose:

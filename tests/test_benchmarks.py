@@ -372,6 +372,16 @@ def test_deep_curve_view_lines_up_the_runs_by_step():
     assert rows == ["| 200 | 0.9000 | - |", "| 400 | 0.9500 | 0.9600 |"]
 
 
+def test_deep_table_says_which_runs_were_resumed():
+    config = {"inference": "backprop", "width": 4, "lr": 0.01, "batch": 8, "seed": 0}
+    run = {"curve": [], "epochs": [], "steps": 9, "diverged": False, "final": 0.9}
+    runs = {"mupc 128": {**run, "resumed_at_steps": [3, 6]}, "mupc 16": run}
+    document = harness.result_document("deep", config, {"runs": runs}, 1.0, {"date": "x"})
+    text = report.render_deep(document)
+    assert "Resumed from its checkpoint: mupc 128 after step 3, 6 (" in text
+    assert "mupc 16 after" not in text
+
+
 def test_deep_resumes_a_checkpointed_run_exactly(tmp_path, monkeypatch):
     """A run interrupted after its step 7 and started again from its checkpoint (saved after
     step 6, mid-way through the second epoch) ends with the same parameters, optimizer state
