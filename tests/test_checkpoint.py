@@ -352,10 +352,7 @@ def test_same_seed_same_bits():
     states = {"h0": pc.forward_init(nn.call, model, x[0])["h0"]}
 
     def sample(key):
-        return pc.infer(
-            nn.call, model, states, x[0], {"h1": y[0]}, steps=5,
-            optimizer=pc.langevin(0.05), key=key,
-        )[0]  # fmt: skip
+        return pc.infer(nn.call, model, states, x[0], {"h1": y[0]}, key=key, solver=pc.GradientDescent(5, pc.langevin(0.05)))[0]  # fmt: skip
 
     key = jax.random.PRNGKey(3)
     assert trees_equal(sample(key), sample(key))

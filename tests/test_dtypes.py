@@ -26,7 +26,9 @@ def _setup(dtype):
 
 def _relaxed_grads(fn, model, x, observed, steps=20):
     states = {k: v for k, v in pc.forward_init(fn, model, x).items() if k not in observed}
-    states, info = pc.infer(fn, model, states, x, observed, steps=steps, step_size=0.2)
+    states, info = pc.infer(
+        fn, model, states, x, observed, solver=pc.GradientDescent(steps, step_size=0.2)
+    )
     return states, info, pc.param_grads(fn, model, states, x, observed)
 
 

@@ -92,7 +92,7 @@ def _states(fn, params, x, observed):
 def test_random_pytrees_keep_their_structure(net):
     fn, params, x, observed, _ = net
     states = _states(fn, params, x, observed)
-    relaxed, info = pc.infer(fn, params, states, x, observed, steps=3)
+    relaxed, info = pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(3))
     assert not bool(info.diverged)
     grads = pc.param_grads(fn, params, relaxed, x, observed)
     assert jax.tree.structure(grads, is_leaf=lambda v: v is None) == jax.tree.structure(
@@ -126,7 +126,7 @@ def test_non_finite_input_is_reported_and_guarded(net, where, bad, position):
             name: target.reshape(-1).at[position % target.size].set(bad).reshape(target.shape)
         }
     states = _states(fn, params, x, observed)
-    _, info = pc.infer(fn, params, states, x, observed, steps=2)
+    _, info = pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(2))
     assert bool(info.diverged)
     optimizer = optax.sgd(0.1)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
@@ -170,7 +170,7 @@ def test_bad_steps_are_rejected(net, steps):
     fn, params, x, observed, _ = net
     states = _states(fn, params, x, observed)
     with pytest.raises(ValueError, match="`steps` must be a positive int"):
-        pc.infer(fn, params, states, x, observed, steps=steps)
+        pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(steps))
 
 
 @SETTINGS
@@ -188,7 +188,7 @@ def test_bad_step_sizes_are_rejected(net, step_size):
     fn, params, x, observed, _ = net
     states = _states(fn, params, x, observed)
     with pytest.raises(ValueError, match="`step_size` must be a positive finite number"):
-        pc.infer(fn, params, states, x, observed, steps=2, step_size=step_size)
+        pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(2, step_size=step_size))
 
 
 @SETTINGS
@@ -233,7 +233,7 @@ def test_integer_free_states_are_rejected(net, dtype):
     states = _states(fn, params, x, observed)
     states[free[0]] = states[free[0]].astype(dtype)
     with pytest.raises(TypeError, match=f"free node '{free[0]}' has dtype"):
-        pc.infer(fn, params, states, x, observed, steps=2)
+        pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(2))
 
 
 @SETTINGS

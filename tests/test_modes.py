@@ -65,7 +65,9 @@ def test_discriminative_training_and_classification_by_inference(digits):
     start = pc.forward_init(mlp, params, x_test)
     start["h1"] = jnp.zeros_like(start["h1"])
     initial = pc.energy(mlp, params, start, x_test)
-    states, info = pc.infer(mlp, params, start, x_test, steps=200, step_size=0.2)
+    states, info = pc.infer(
+        mlp, params, start, x_test, solver=pc.GradientDescent(200, step_size=0.2)
+    )
     assert float(info.energy) < 1e-4 * float(initial)
     assert float(jnp.mean(jnp.argmax(states["h1"], -1) == feedforward)) == 1.0
 
@@ -104,7 +106,12 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
     latent = {"z": pc.forward_init(generative, trained, empty)["z"]}
     latent["h"] = pc.forward_init(generative, trained, empty)["h"]
     relaxed, _ = pc.infer(
-        generative, trained, latent, empty, {"pixels": x_train}, steps=30, step_size=0.1
+        generative,
+        trained,
+        latent,
+        empty,
+        {"pixels": x_train},
+        solver=pc.GradientDescent(30, step_size=0.1),
     )
     mean_z = relaxed["z"].mean(0)
     assert float(jnp.linalg.norm(mean_z)) > 0.1  # a non-trivial target (measured 0.17)
@@ -115,7 +122,14 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
         latent = pc.forward_init(generative, params, empty)
         del latent["pixels"]
         observed = {"pixels": x_test}
-        states, _ = pc.infer(generative, params, latent, empty, observed, steps=100, step_size=0.1)
+        states, _ = pc.infer(
+            generative,
+            params,
+            latent,
+            empty,
+            observed,
+            solver=pc.GradientDescent(100, step_size=0.1),
+        )
         errors = pc.prediction_errors(generative, params, states, empty, observed)
         return float(jnp.mean(errors["pixels"] ** 2))
 
@@ -144,7 +158,11 @@ def test_conditional_generation_by_inference(digits):
     labels = jnp.eye(10, dtype=jnp.float32)
     start = {k: jnp.zeros_like(v) for k, v in pc.forward_init(conditional, params, labels).items()}
     states, info = pc.infer(
-        conditional, params, start, labels, steps=2000, optimizer=optax.adam(0.02), tol=1e-4
+        conditional,
+        params,
+        start,
+        labels,
+        solver=pc.GradientDescent(2000, optax.adam(0.02), tol=1e-4),
     )
     assert not bool(info.diverged) and float(info.energy) < 1e-6
     class_means = jnp.stack([x_train[y_train == c].mean(0) for c in range(10)])

@@ -458,7 +458,13 @@ def hand_computed():
             precision = {"h0": p0, "h1": pc.FullPrecision(p1)}
             latent = {"h0": pc.forward_init(classifier, params, x)["h0"]}
             states, _ = pc.infer(
-                classifier, params, latent, x, {"h1": y}, steps=TRAIN_STEPS, precision=precision
+                classifier,
+                params,
+                latent,
+                x,
+                {"h1": y},
+                precision=precision,
+                solver=pc.GradientDescent(TRAIN_STEPS),
             )
             grads = pc.param_grads(classifier, params, states, x, {"h1": y}, precision=precision)
             layers = [(x, jnp.diag(p0)), (jnp.tanh(states["h0"]), p1)]

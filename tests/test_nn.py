@@ -80,11 +80,8 @@ def unrolled_depth(model, x) -> int:
 @eqx.filter_jit
 def _fixed_prediction_grads(model, x, target, output, steps):
     latent = {k: v for k, v in pc.forward_init(nn.call, model, x).items() if k != output}
-    states, info = pc.infer(
-        nn.call, model, latent, x, {output: target}, steps=steps, step_size=1.0,
-        fixed_predictions=True,
-    )  # fmt: skip
-    grads = pc.param_grads(nn.call, model, states, x, {output: target}, fixed_predictions=True)
+    states, info = pc.infer(pc.fixed_predictions(nn.call), model, latent, x, {output: target}, solver=pc.GradientDescent(steps, step_size=1.0))  # fmt: skip
+    grads = pc.param_grads(pc.fixed_predictions(nn.call), model, states, x, {output: target})
     return grads, info.diverged
 
 
@@ -130,10 +127,8 @@ def test_standard_pc_approaches_backprop_on_a_resnet():
             latent,
             x,
             {"out": y},
-            steps=4000,
-            step_size=0.2,
-            tol=1e-12,
             precision={"out": gamma},
+            solver=pc.GradientDescent(4000, step_size=0.2, tol=1e-12),
         )
         grads = pc.param_grads(nn.call, model, states, x, {"out": y}, precision={"out": gamma})
         errors.append(rel_error(jax.tree.map(lambda g, s=gamma: g / s, grads), reference))

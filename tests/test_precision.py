@@ -88,8 +88,8 @@ def test_user_precisions_must_be_spd_and_fit_their_node(problem):
             latent,
             x,
             observed,
-            steps=1,
             precision={"h2": pc.DiagonalPrecision(jnp.ones(4))},
+            solver=pc.GradientDescent(1),
         )
     with pytest.raises(ValueError, match=r"node 'h1' has shape \(4, 4\).*FullPrecision"):
         pc.energy(mlp, params, latent, x, observed, precision={"h1": jnp.eye(4)})
@@ -223,15 +223,13 @@ def test_preconditioned_inference_scales_by_inverse_precision(problem64):
     p1 = spd(jax.random.PRNGKey(5), 4)
     precision = {"h0": 3.0, "h1": pc.FullPrecision(p1)}
     states, _ = pc.infer(
-        mlp,
+        pc.preconditioned(mlp),
         params,
         start,
         x,
         observed,
-        steps=1,
-        step_size=0.1,
         precision=precision,
-        precondition=True,
+        solver=pc.GradientDescent(1, step_size=0.1),
     )
     grads = jax.grad(lambda s: pc.energy(mlp, params, s, x, observed, precision=precision))(start)
     rtol = 1e-14  # measured 7.1e-16 (h0) and 1.9e-15 (h1)

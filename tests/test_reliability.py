@@ -44,7 +44,9 @@ def test_langevin_draws_fresh_noise_every_call_and_replays_a_key(problem):
     sampler = pc.langevin(0.05)
 
     def sample(key):
-        return pc.infer(mlp, params, latent, x, observed, steps=3, optimizer=sampler, key=key)[0]
+        return pc.infer(
+            mlp, params, latent, x, observed, key=key, solver=pc.GradientDescent(3, sampler)
+        )[0]
 
     first, again, other = sample(jax.random.PRNGKey(0)), sample(jax.random.PRNGKey(0)), None
     other = sample(jax.random.PRNGKey(1))
@@ -71,10 +73,7 @@ def test_langevin_noise_is_independent_across_steps():
     steps, eta, chains = 16, 0.01, 4000
     start = {"z": jnp.zeros((chains, 4))}
     # A zero precision is not allowed; a tiny one makes the drift negligible (1e-9 per step).
-    states, _ = pc.infer(
-        flat, None, start, jnp.zeros((chains, 0)), steps=steps,
-        optimizer=pc.langevin(eta), precision={"z": 1e-9}, key=jax.random.PRNGKey(2),
-    )  # fmt: skip
+    states, _ = pc.infer(flat, None, start, jnp.zeros((chains, 0)), precision={"z": 1e-9}, key=jax.random.PRNGKey(2), solver=pc.GradientDescent(steps, pc.langevin(eta)))  # fmt: skip
     variance = float(jnp.var(states["z"]))
     expected = 2 * eta * steps
     # Standard error of a variance from 16,000 normal draws: sqrt(2/16000) = 1.1% of it.
@@ -84,7 +83,7 @@ def test_langevin_noise_is_independent_across_steps():
 def test_langevin_without_a_key_is_a_clear_error(problem):
     params, x, observed, latent = problem
     with pytest.raises(ValueError, match=r"key="):
-        pc.infer(mlp, params, latent, x, observed, steps=2, optimizer=pc.langevin(0.05))
+        pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(2, pc.langevin(0.05)))
     with pytest.raises(TypeError, match=r"key="):
         pc.langevin(0.05, jax.random.PRNGKey(0))
 
@@ -212,7 +211,14 @@ def test_tolerance_stops_the_same_sample_at_the_same_step_in_any_batch(problem):
     params, x, observed, latent = problem
 
     def steps_taken(x, observed, latent):
-        _, info = pc.infer(mlp, params, latent, x, observed, steps=500, step_size=0.1, tol=1e-3)
+        _, info = pc.infer(
+            mlp,
+            params,
+            latent,
+            x,
+            observed,
+            solver=pc.GradientDescent(500, step_size=0.1, tol=1e-3),
+        )
         return int(info.steps)
 
     def pick(tree, rows):
@@ -252,10 +258,7 @@ def test_preconditioned_inference_with_a_free_custom_energy_node():
     grads = jax.grad(by_hand)(start)
     expected = {"h": start["h"] - eta * grads["h"] / precision, "label": start["label"]}
     expected["label"] = start["label"] - eta * grads["label"]  # custom energy: not scaled
-    states, _ = pc.infer(
-        _classifier, params, start, x, steps=1, step_size=eta, precision={"h": precision},
-        precondition=True,
-    )  # fmt: skip
+    states, _ = pc.infer(pc.preconditioned(_classifier), params, start, x, precision={"h": precision}, solver=pc.GradientDescent(1, step_size=eta))  # fmt: skip
     for name in expected:
         # measured: max relative 1.6e-6 where entries are near 0, max absolute 2.1e-8
         np.testing.assert_allclose(states[name], expected[name], rtol=1e-5, atol=1e-7)
@@ -304,7 +307,7 @@ def test_node_dicts_of_the_wrong_type_are_named(problem, argument):
     bad = {"states": list(latent.values()), "observed": list(observed.values())}[argument]
     kwargs = {"states": latent, "observed": observed, argument: bad}
     with pytest.raises(TypeError, match=rf"`{argument}` must be a dict"):
-        pc.infer(mlp, params, kwargs["states"], x, kwargs["observed"], steps=1)
+        pc.infer(mlp, params, kwargs["states"], x, kwargs["observed"], solver=pc.GradientDescent(1))
     with pytest.raises(TypeError, match=rf"`{argument}` must be a dict"):
         pc.energy(mlp, params, kwargs["states"], x, kwargs["observed"])
 
@@ -314,13 +317,13 @@ def test_node_dicts_of_the_wrong_type_are_named(problem, argument):
 
 def test_integer_scalars_are_accepted_as_steps_and_the_rest_rejected(problem):
     params, x, observed, latent = problem
-    reference, _ = pc.infer(mlp, params, latent, x, observed, steps=3)
+    reference, _ = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(3))
     for steps in (np.int64(3), np.int32(3), jnp.asarray(3)):
-        states, _ = pc.infer(mlp, params, latent, x, observed, steps=steps)
+        states, _ = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(steps))
         assert trees_equal(states, reference)
     for steps in (3.0, True, np.array([3]), "3"):
         with pytest.raises(ValueError, match="`steps` must be a positive int"):
-            pc.infer(mlp, params, latent, x, observed, steps=steps)
+            pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(steps))
 
 
 # ---------------------------------------------------------------- 17. Python float leaves
@@ -368,7 +371,9 @@ def test_incremental_energy_is_the_one_before_the_last_update(problem):
 @pytest.mark.x64
 def test_standard_pc_param_grads_equal_jax_grad_of_the_handwritten_energy(problem64):
     params, x, observed, latent = problem64
-    states, _ = pc.infer(mlp, params, latent, x, observed, steps=20, step_size=0.2)
+    states, _ = pc.infer(
+        mlp, params, latent, x, observed, solver=pc.GradientDescent(20, step_size=0.2)
+    )
     precision = {"h0": 2.0, "h2": 0.5}
     grads = pc.param_grads(mlp, params, states, x, observed, precision=precision)
     expected = jax.grad(handwritten_energy)(params, states, x, observed, precision)

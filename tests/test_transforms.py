@@ -55,11 +55,8 @@ def test_vmapped_equinox_model_energy_and_fpa_gradients():
 
     energy = pc.energy(batched, model, states, x, {"h1": y})
     np.testing.assert_allclose(energy, by_hand(model, states["h0"]), rtol=1e-14)
-    relaxed, _ = pc.infer(
-        batched, model, {"h0": ff["h0"]}, x, {"h1": y}, steps=1, step_size=1.0,
-        fixed_predictions=True,
-    )  # fmt: skip
-    grads = pc.param_grads(batched, model, relaxed, x, {"h1": y}, fixed_predictions=True)
+    relaxed, _ = pc.infer(pc.fixed_predictions(batched), model, {"h0": ff["h0"]}, x, {"h1": y}, solver=pc.GradientDescent(1, step_size=1.0))  # fmt: skip
+    grads = pc.param_grads(pc.fixed_predictions(batched), model, relaxed, x, {"h1": y})
     reference = eqx.filter_grad(lambda m: 0.5 * jnp.sum((y - batched(m, x)) ** 2))(model)
     assert rel_error(grads, reference) < 1e-15  # measured 7.4e-17
 
@@ -97,9 +94,14 @@ def test_scan_rnn_nodes_are_stacked_and_fpa_equals_backprop():
     energy = pc.energy(rnn, params, states, xs, {"y": y})
     np.testing.assert_allclose(energy, by_hand(states["h"]), rtol=1e-14)
     relaxed, _ = pc.infer(
-        rnn, params, {"h": ff["h"]}, xs, {"y": y}, steps=6, step_size=1.0, fixed_predictions=True
+        pc.fixed_predictions(rnn),
+        params,
+        {"h": ff["h"]},
+        xs,
+        {"y": y},
+        solver=pc.GradientDescent(6, step_size=1.0),
     )
-    grads = pc.param_grads(rnn, params, relaxed, xs, {"y": y}, fixed_predictions=True)
+    grads = pc.param_grads(pc.fixed_predictions(rnn), params, relaxed, xs, {"y": y})
     reference = jax.grad(lambda p: 0.5 * jnp.sum((y - rnn(p, xs)) ** 2))(params)
     assert rel_error(grads, reference) < 1e-15  # measured 1.3e-16
 
@@ -341,9 +343,14 @@ def assert_energy_and_fpa_exact(fn, params, x, y, by_hand, steps):
     energy = pc.energy(fn, params, shifted, x, {"out": y})
     np.testing.assert_allclose(energy, by_hand(params, shifted), rtol=1e-13)
     relaxed, _ = pc.infer(
-        fn, params, latent, x, {"out": y}, steps=steps, step_size=1.0, fixed_predictions=True
+        pc.fixed_predictions(fn),
+        params,
+        latent,
+        x,
+        {"out": y},
+        solver=pc.GradientDescent(steps, step_size=1.0),
     )
-    grads = pc.param_grads(fn, params, relaxed, x, {"out": y}, fixed_predictions=True)
+    grads = pc.param_grads(pc.fixed_predictions(fn), params, relaxed, x, {"out": y})
     reference = eqx.filter_grad(lambda p: 0.5 * jnp.sum((y - fn(p, x)) ** 2))(params)
     return rel_error(grads, reference)
 
@@ -510,7 +517,12 @@ def test_tol_takes_each_samples_norm_past_the_stacked_scan_axes():
     norm = per_sample_grad_norm(grads, {"stem": 0, "layer": 1})
     np.testing.assert_allclose(norm, by_hand, rtol=1e-6)
     _, info = pc.infer(
-        observed_last, params, latent, x, {"out": y}, steps=500, step_size=0.2, tol=float(norm) / 10
+        observed_last,
+        params,
+        latent,
+        x,
+        {"out": y},
+        solver=pc.GradientDescent(500, step_size=0.2, tol=float(norm) / 10),
     )
     assert 0 < int(info.steps) < 500
 

@@ -36,10 +36,7 @@ def test_langevin_inference_samples_the_linear_gaussian_posterior():
     @jax.jit
     def sample(temperature):
         # The slowest mode relaxes by a factor (1 - 0.01 * 2)^600 = 5e-6.
-        return pc.infer(
-            model, None, start, batch, observed, steps=steps, precision=precision,
-            optimizer=pc.langevin(0.01, temperature=temperature), key=jax.random.PRNGKey(3),
-        )  # fmt: skip
+        return pc.infer(model, None, start, batch, observed, precision=precision, key=jax.random.PRNGKey(3), solver=pc.GradientDescent(steps, pc.langevin(0.01, temperature=temperature)))  # fmt: skip
 
     states, info = sample(1.0)
     assert not bool(info.diverged)
