@@ -101,7 +101,8 @@ def test_random_pytrees_keep_their_structure(net):
     )
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    new, _, info = pc.train_step(fn, params, opt_state, x, observed, optimizer=optimizer, steps=2)
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
+    new, _, info = step(params, opt_state, x, observed)
     assert jax.tree.structure(new) == jax.tree.structure(params)
     for old, leaf in zip(jax.tree.leaves(params), jax.tree.leaves(new)):
         assert leaf.dtype == old.dtype and leaf.shape == old.shape
@@ -130,12 +131,11 @@ def test_non_finite_input_is_reported_and_guarded(net, where, bad, position):
     assert bool(info.diverged)
     optimizer = optax.sgd(0.1)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    new, new_state, info = pc.train_step(
-        fn, params, opt_state, x, observed, optimizer=optimizer, steps=2, guard=True
-    )
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
+    new, new_state, info = pc.guarded(step)(params, opt_state, x, observed)
     assert bool(info.diverged)
     assert trees_equal(new, params) and trees_equal(new_state, opt_state)
-    _, _, info = pc.train_step(fn, params, opt_state, x, observed, optimizer=optimizer, steps=2)
+    _, _, info = step(params, opt_state, x, observed)
     assert bool(info.diverged)  # without the guard the update is applied, but reported
 
 
@@ -145,10 +145,9 @@ def test_absurd_step_sizes_never_leave_non_finite_params_when_guarded(net, step_
     fn, params, x, observed, _ = net
     optimizer = optax.sgd(step_size)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    new, _, info = pc.train_step(
-        fn, params, opt_state, x, observed, optimizer=optimizer, steps=4,
-        step_size=min(step_size, 1e6), guard=True,
-    )  # fmt: skip
+    solver = pc.GradientDescent(4, step_size=min(step_size, 1e6))
+    step = pc.guarded(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
+    new, _, info = step(params, opt_state, x, observed)
     finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(new))
     assert finite
     if bool(info.diverged):
@@ -222,8 +221,9 @@ def test_empty_batch_is_an_error(net):
     x = x[:0]
     observed = {k: v[:0] for k, v in observed.items()}
     optimizer = optax.sgd(0.1)
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
     with pytest.raises(ValueError, match="empty batch"):
-        pc.train_step(fn, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=2)
+        step(params, optimizer.init(params), x, observed)
 
 
 @SETTINGS
@@ -252,8 +252,6 @@ def test_optimizer_initialised_on_integer_leaves_gets_a_hint():
 
     params = {"w": jnp.ones((3, 2)), "count": jnp.array(3)}
     optimizer = optax.adam(1e-2)
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
     with pytest.raises(ValueError, match=r"optimizer.init\(eqx.filter\(params"):
-        pc.train_step(
-            fn, params, optimizer.init(params), jnp.ones((4, 3)), {"y": jnp.zeros((4, 2))},
-            optimizer=optimizer, steps=2,
-        )  # fmt: skip
+        step(params, optimizer.init(params), jnp.ones((4, 3)), {"y": jnp.zeros((4, 2))})

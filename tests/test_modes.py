@@ -3,8 +3,6 @@ discriminative, generative (learned prior on the top latent) and conditional gen
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +25,10 @@ def digits():
     )
 
 
-def fit(fn, params, batches, optimizer, epochs, **options):
-    """Train with pcjax.train_step over `batches` (a list of (x, observed)); return params and
-    the mean energy of the first and last epoch."""
-    step = jax.jit(functools.partial(pc.train_step, fn, optimizer=optimizer, **options))
+def fit(fn, params, batches, optimizer, epochs, solver):
+    """Train with pcjax.make_train_step (learning at the equilibrium `solver` reaches) over
+    `batches` (a list of (x, observed)); return params and the mean energy of each epoch."""
+    step = jax.jit(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
     opt_state = optimizer.init(params)
     history = []
     for _ in range(epochs):
@@ -55,7 +53,9 @@ def test_discriminative_training_and_classification_by_inference(digits):
     x_train, y_train, x_test, y_test = digits
     params = init_mlp(jax.random.PRNGKey(0), [64, 64, 10], jnp.float32)
     batches = batches_of(x_train, {"h1": jax.nn.one_hot(y_train, 10)})
-    params, history = fit(mlp, params, batches, optax.adam(3e-3), 25, steps=10, step_size=0.1)
+    params, history = fit(
+        mlp, params, batches, optax.adam(3e-3), 25, pc.GradientDescent(10, step_size=0.1)
+    )
     assert history[-1] < 0.2 * history[0]
     feedforward = jnp.argmax(mlp(params, x_test), -1)
     accuracy = float(jnp.mean(feedforward == y_test))
@@ -97,7 +97,7 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
         (jnp.zeros((64, 0)), observed) for _, observed in batches_of(x_train, {"pixels": x_train})
     ]
     trained, history = fit(
-        generative, params, batches, optax.adam(3e-3), 30, steps=30, step_size=0.1
+        generative, params, batches, optax.adam(3e-3), 30, pc.GradientDescent(30, step_size=0.1)
     )
     assert history[-1] < 0.5 * history[0], history
     # The prior mean is learned: its energy term 1/2 ||z - prior||^2 is minimal at the mean of
@@ -152,7 +152,9 @@ def test_conditional_generation_by_inference(digits):
             [{"image": x_train[i : i + 64]} for i in range(0, 1408, 64)],
         )
     ]
-    params, history = fit(conditional, params, batches, optax.adam(1e-2), 30, steps=10)
+    params, history = fit(
+        conditional, params, batches, optax.adam(1e-2), 30, pc.GradientDescent(10)
+    )
     assert history[-1] < 0.5 * history[0]
     # Generate: the label is the input, every node (the image included) is free, from zero.
     labels = jnp.eye(10, dtype=jnp.float32)

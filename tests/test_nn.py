@@ -80,7 +80,14 @@ def unrolled_depth(model, x) -> int:
 @eqx.filter_jit
 def _fixed_prediction_grads(model, x, target, output, steps):
     latent = {k: v for k, v in pc.forward_init(nn.call, model, x).items() if k != output}
-    states, info = pc.infer(pc.fixed_predictions(nn.call), model, latent, x, {output: target}, solver=pc.GradientDescent(steps, step_size=1.0))  # fmt: skip
+    states, info = pc.infer(
+        pc.fixed_predictions(nn.call),
+        model,
+        latent,
+        x,
+        {output: target},
+        solver=pc.GradientDescent(steps, step_size=1.0),
+    )
     grads = pc.param_grads(pc.fixed_predictions(nn.call), model, states, x, {output: target})
     return grads, info.diverged
 
@@ -264,7 +271,7 @@ def test_train_step_on_scanned_layers_equals_unrolled():
     x, y = jax.random.normal(k2, (5, 6)), jax.random.normal(k3, (5, 3))
     optimizer = optax.sgd(0.1)
     step = eqx.filter_jit(
-        functools.partial(pc.train_step, nn.call, optimizer=optimizer, steps=4, step_size=0.1)
+        pc.make_train_step(nn.call, pc.Equilibrium(pc.GradientDescent(4, step_size=0.1)), optimizer)
     )
     updated = {}
     for scan_layers in (False, True):

@@ -159,7 +159,8 @@ def two_regressions(params, x):
 
 
 def test_learned_precisions_recover_noise_covariance(noisy_regression):
-    """Gradient learning (train_step with precisions inside params) reaches P^{-1} = Sigma."""
+    """Gradient learning (a training step with precisions inside params) reaches
+    P^{-1} = Sigma."""
     x, v, _, covariance = noisy_regression
     start = {
         "diagonal": pc.DiagonalPrecision(jnp.ones(3)),
@@ -170,11 +171,10 @@ def test_learned_precisions_recover_noise_covariance(noisy_regression):
     }
     optimizer = optax.adam(0.05)
     step = jax.jit(
-        functools.partial(
-            pc.train_step,
+        pc.make_train_step(
             two_regressions,
-            optimizer=optimizer,
-            steps=1,
+            pc.Equilibrium(pc.GradientDescent(1)),
+            optimizer,
             precision=lambda p: {k: p[k]["precision"] for k in start},
         )
     )
@@ -295,11 +295,10 @@ def test_float32_model_with_float32_precisions_stays_float32_under_x64(problem):
     assert _dtypes(lambda: pc.energy(mlp, params, latent, x, observed, precision=precision)) == F32
     learned = {"net": params, "precision": precision}
     optimizer = optax.sgd(0.01)
-    step = functools.partial(
-        pc.train_step,
+    step = pc.make_train_step(
         lambda p, x: mlp(p["net"], x),
-        optimizer=optimizer,
-        steps=2,
+        pc.Equilibrium(pc.GradientDescent(2)),
+        optimizer,
         precision=lambda p: p["precision"],
     )
     new, _, info = jax.eval_shape(lambda: step(learned, optimizer.init(learned), x, observed))
