@@ -25,13 +25,13 @@ from ._checks import concrete_value
 
 
 def _check(name: str, value: Any, valid: Callable[[float], bool], requirement: str) -> None:
-    """Validate a hyperparameter when its value is known now (it may be traced)."""
+    """Validate a scalar hyperparameter when its value is known now (it may be traced)."""
     known = concrete_value(value)
     if callable(value) or (
-        known is not None and (known.size != 1 or not np.issubdtype(known.dtype, np.number))
+        known is not None and (known.ndim != 0 or not np.issubdtype(known.dtype, np.number))
     ):
         raise TypeError(f"pcjax.langevin: `{name}` must be a number, got {value!r}.")
-    if known is not None and not valid(float(known.reshape(()))):
+    if known is not None and not valid(float(known)):
         raise ValueError(f"pcjax.langevin: `{name}` must be {requirement}, got {value!r}.")
 
 
