@@ -115,8 +115,9 @@ _REMOVED = {
 }
 
 
-def __getattr__(name: str):
-    """A clear error for the names removed in pcjax 0.3 (module attribute look-up)."""
+def __getattr__(name: str) -> object:
+    """Module attribute look-up of a name pcjax does not have: an `AttributeError` that names
+    the replacement of those removed in pcjax 0.3."""
     if name in _REMOVED:
         raise AttributeError(
             f"pcjax.{name} was removed in pcjax 0.3 (deprecated since 0.2): {_REMOVED[name]} "
