@@ -6,13 +6,14 @@ the network's free energy, relaxes its states and learns its parameters with pla
 
 from . import nn
 from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
-from ._energy import cross_entropy, energy, prediction_errors
+from ._energy import cross_entropy, prediction_errors
 from ._inference import infer
 from ._langevin import LangevinState, langevin
-from ._learning import param_grads, train_step
+from ._learning import param_grads
 from ._models import (
     Context,
     bidirectional,
+    energy,
     error_parameterised,
     fixed_predictions,
     preconditioned,
@@ -98,9 +99,28 @@ __all__ = [
     "replicate",
     "save_checkpoint",
     "shard_batch",
-    "train_step",
     "update_precision_ema",
     "update_precision_natural",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
+
+#: Names removed in pcjax 0.3 (deprecated in 0.2) -> what replaces them.
+_REMOVED = {
+    "train_step": (
+        "build the step once with step = pcjax.make_train_step(fn, pcjax.Equilibrium("
+        "pcjax.GradientDescent(steps)), optimizer), then call step(params, opt_state, x, "
+        "observed)"
+    ),
+}
+
+
+def __getattr__(name: str) -> object:
+    """Module attribute look-up of a name pcjax does not have: an `AttributeError` that names
+    the replacement of those removed in pcjax 0.3."""
+    if name in _REMOVED:
+        raise AttributeError(
+            f"pcjax.{name} was removed in pcjax 0.3 (deprecated since 0.2): {_REMOVED[name]} "
+            "(see the 0.3.0 entry of the changelog)."
+        )
+    raise AttributeError(f"module 'pcjax' has no attribute {name!r}")

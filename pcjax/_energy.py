@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import concrete_value
 from ._harvest import GRAPH_PRECISION
 from ._precision import Precision as PrecisionModule
-from ._precision import _concrete, logdet_term, weigh
+from ._precision import logdet_term, weigh
 from ._tagging import Nodes, node_energies, predicted_with_precisions, run_tagged
 
 Array = jax.Array
@@ -111,7 +112,7 @@ def _check_array_precision(name: str, value: Any, shape: tuple[int, ...]) -> Arr
             f"broadcast to the node's shape {shape}; use a scalar or a per-feature array "
             f"such as shape {shape[-1:]}{hint}."
         )
-    concrete = _concrete(value)
+    concrete = concrete_value(value)
     message = f"pcjax: the precision of node {name!r} must be positive"
     if concrete is None:
         return eqx.error_if(value, jnp.any(value <= 0) | ~jnp.all(jnp.isfinite(value)), message)
@@ -128,7 +129,7 @@ def _check_module_precision(name: str, module: PrecisionModule, shape: tuple[int
             f"node's shape {shape}."
         )
     for leaf in jax.tree.leaves(module):
-        concrete = _concrete(leaf)
+        concrete = concrete_value(leaf)
         if concrete is not None and not np.all(np.isfinite(concrete)):
             raise ValueError(
                 f"pcjax: the precision of node {name!r} has non-finite parameters "
@@ -297,48 +298,6 @@ def node_energy(
     """The energy for already validated node values and precisions (the inner-loop form)."""
     predicted, in_graph = predicted_with_precisions(fn, params, values, x)
     return total_energy(values, predicted, precision, in_graph)
-
-
-def energy(
-    fn: Callable[..., Any],
-    params: Any,
-    states: Mapping[str, Array],
-    x: Any,
-    observed: Mapping[str, Array] | None = None,
-    *,
-    precision: Precision | None = None,
-) -> Array:
-    """Variational free energy of the PC network `fn` at the given node states.
-
-    $$F = \\sum_i \\Big[\\tfrac12 \\sum_n e_{i,n}^\\top P_i\\, e_{i,n}
-          - \\tfrac{N_i}{2}\\log\\det P_i\\Big], \\qquad e_i = x_i - \\mu_i,\\quad
-          \\mu_i = g_i(\\text{states of the parents of } i),$$
-
-    where the predictions $\\mu_i$ are the values tagged by `pcjax.node` when `fn(params, x)`
-    runs with every tagged node replaced by its state, and the log-det term is present for
-    precision modules only.
-
-    **Arguments:**
-
-    - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it
-      (`pcjax.fixed_predictions`, `pcjax.bidirectional`, ...: its energy at these states).
-    - `params`: its parameters (any pytree, e.g. an equinox module).
-    - `states`: dict of the free (latent) node states.
-    - `x`: the input of `fn` (any pytree, or None).
-    - `observed`: dict of the clamped node values (e.g. the label node during training).
-      Every tagged node must be in exactly one of `states` and `observed`.
-    - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
-      positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
-      `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
-      stored in (and learned with) the parameters.
-
-    **Returns:** the scalar energy, summed over nodes and batch.
-    """
-    from ._models import as_model  # _models builds on this module
-
-    model = as_model(fn, "pcjax.energy")
-    values, checked = checked_values(model.fn, params, states, x, observed, precision)
-    return model.energy(params, values, x, checked)
 
 
 def prediction_errors(

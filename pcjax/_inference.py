@@ -11,20 +11,18 @@ $$\frac{\partial F}{\partial x_i} = P_i e_i - \sum_{c \in \text{children}(i)}
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import optax
 
 from ._energy import Precision, checked_values, node_dicts
-from ._models import EnergyModel, as_model, fixed_predictions, preconditioned
-from ._solvers import AbstractSolver, GradientDescent, InferInfo, check_solver_fits
+from ._models import EnergyModel, as_model
+from ._solvers import AbstractSolver, InferInfo, check_solver_fits
 from ._tagging import Nodes, scan_depths
 
 Array = jax.Array
-__all__ = ["infer", "legacy_solver", "run_solver"]
+__all__ = ["infer", "run_solver"]
 
 
 def infer(
@@ -37,7 +35,7 @@ def infer(
     solver: AbstractSolver | None = None,
     precision: Precision | None = None,
     key: Array | None = None,
-    **legacy: Any,
+    **removed: Any,
 ) -> tuple[Nodes, InferInfo]:
     r"""Relax the free node states: run `solver` on the state field of the energy.
 
@@ -57,20 +55,16 @@ def infer(
     and per-sample gradient norm, converged, diverged, field evaluations). With the solver's
     `throw=True` a diverged or unconverged run raises instead.
 
-    The keywords of pcjax 0.1 (`steps=`, `optimizer=`, `step_size=`, `fixed_predictions=`,
-    `precondition=`, `tol=`, `record_energy=`, `raise_on_divergence=`, `unroll=`) still work
-    for this release, with a `DeprecationWarning`; see the README's migration table.
+    **Raises:** `TypeError` without a `solver`, and for pcjax 0.1's keywords (`steps=`,
+    `step_size=`, `optimizer=`, `tol=`, `fixed_predictions=`, ...), removed in pcjax 0.3: the
+    message shows the composed call that replaces them, e.g. `steps=20` ->
+    `solver=pcjax.GradientDescent(20)`.
     """
-    if legacy:
-        if solver is not None:
-            raise TypeError(
-                f"pcjax.infer: pass either `solver=` or the deprecated keywords {sorted(legacy)}, "
-                "not both."
-            )
-        fn, solver = legacy_solver(fn, "pcjax.infer", **legacy)
-    elif solver is None:
+    if removed:
+        raise TypeError(_removed_keywords_message(removed))
+    if solver is None:
         raise TypeError(
-            "pcjax.infer: pass an inference solver, e.g. solver=pcjax.GradientDescent(steps=20)."
+            "pcjax.infer: pass an inference solver, e.g. solver=pcjax.GradientDescent(20)."
         )
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
@@ -89,6 +83,51 @@ def infer(
     return model.to_states(params, x, observed, variables), info
 
 
+#: pcjax 0.1's keywords of `infer` (removed in 0.3) -> the `GradientDescent` keyword each became.
+_REMOVED_SOLVER_KEYWORDS = {
+    "step_size": "step_size",
+    "tol": "tol",
+    "record_energy": "record_energy",
+    "unroll": "unroll",
+    "raise_on_divergence": "throw",
+}
+#: pcjax 0.1's flags of `infer` (removed in 0.3) -> the transformation of `fn` each became.
+_REMOVED_MODEL_KEYWORDS = {
+    "fixed_predictions": "pcjax.fixed_predictions",
+    "precondition": "pcjax.preconditioned",
+}
+_REMOVED = {"steps", "optimizer", *_REMOVED_SOLVER_KEYWORDS, *_REMOVED_MODEL_KEYWORDS}
+
+
+def _removed_keywords_message(removed: Mapping[str, Any]) -> str:
+    """The error for keywords `infer` does not take: the composed call for pcjax 0.1's."""
+    unknown = sorted(set(removed) - _REMOVED)
+    if unknown:
+        return f"pcjax.infer() got unexpected keyword argument(s) {unknown}."
+
+    def shown(name: str) -> str:  # plain Python values are shown, others by their name
+        value = removed[name]
+        return repr(value) if isinstance(value, (bool, int, float, type(None))) else name
+
+    arguments = [shown("steps") if "steps" in removed else "steps"]
+    if "optimizer" in removed:
+        arguments.append(shown("optimizer"))
+    arguments += [
+        f"{new}={shown(old)}" for old, new in _REMOVED_SOLVER_KEYWORDS.items() if old in removed
+    ]
+    network = "fn"
+    for old, transformation in _REMOVED_MODEL_KEYWORDS.items():
+        if removed.get(old, False):
+            network = f"{transformation}({network})"
+    names = ", ".join(f"`{name}=`" for name in sorted(removed))
+    return (
+        f"pcjax.infer: the keyword(s) {names} were removed in pcjax 0.3 (deprecated since 0.2); "
+        f"compose the call instead: pcjax.infer({network}, params, states, x, observed, "
+        f"solver=pcjax.GradientDescent({', '.join(arguments)})) (see the 0.3.0 entry of the "
+        "changelog)."
+    )
+
+
 def run_solver(
     solver: AbstractSolver,
     field: Callable[[Nodes], tuple[Array, Nodes]],
@@ -102,40 +141,3 @@ def run_solver(
     )
     value, grads = field(states)
     return solver.report(states, value, grads, steps, evaluations, energies, initial, sample_axes)
-
-
-_LEGACY_SOLVER = {"steps", "optimizer", "step_size", "tol", "record_energy", "unroll"}
-_LEGACY_MODEL = {"fixed_predictions", "precondition"}
-
-
-def legacy_solver(
-    fn: Any, where: str, *, raise_on_divergence: bool = False, **options: Any
-) -> tuple[EnergyModel, GradientDescent]:
-    """The model and solver that pcjax 0.1's keyword arguments describe."""
-    unknown = sorted(set(options) - _LEGACY_SOLVER - _LEGACY_MODEL)
-    if unknown:
-        raise TypeError(f"{where}: unexpected keyword argument(s) {unknown}.")
-    warnings.warn(
-        f"{where}: the keywords {sorted(options)} are deprecated; pass solver=pcjax."
-        "GradientDescent(steps, optimizer, tol=...) and transform the network with "
-        "pcjax.fixed_predictions / pcjax.preconditioned (see the README's migration table).",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if "steps" not in options:
-        raise TypeError(f"{where}: `steps` is required (or pass solver=...).")
-    model = as_model(fn, where)
-    if options.pop("fixed_predictions", False):
-        model = fixed_predictions(model)
-    if options.pop("precondition", False):
-        model = preconditioned(model)
-    optimizer: optax.GradientTransformation | None = options.pop("optimizer", None)
-    step_size = options.pop("step_size", 0.1)
-    solver = GradientDescent(
-        options.pop("steps"),
-        optimizer,
-        step_size=step_size,
-        throw=raise_on_divergence,
-        **options,
-    )
-    return model, solver

@@ -13,21 +13,26 @@ sampled states then follows the gradient of the marginal likelihood rather than 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from ._checks import concrete_value
 
-def _concrete(value: Any, name: str) -> float | None:
-    """`value` as a float when it is a concrete scalar; None while traced."""
-    try:
-        return float(value)
-    except jax.errors.ConcretizationTypeError:
-        return None
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"pcjax.langevin: `{name}` must be a number, got {value!r}.") from error
+
+def _check(name: str, value: Any, valid: Callable[[float], bool], requirement: str) -> None:
+    """Validate a scalar hyperparameter when its value is known now (it may be traced)."""
+    known = concrete_value(value)
+    if callable(value) or (
+        known is not None and (known.ndim != 0 or not np.issubdtype(known.dtype, np.number))
+    ):
+        raise TypeError(f"pcjax.langevin: `{name}` must be a number, got {value!r}.")
+    if known is not None and not valid(float(known)):
+        raise ValueError(f"pcjax.langevin: `{name}` must be {requirement}, got {value!r}.")
 
 
 class LangevinState(NamedTuple):
@@ -39,26 +44,32 @@ def langevin(
 ) -> optax.GradientTransformationExtraArgs:
     r"""An optax transform for the *states*: a Langevin step on the energy.
 
-    Pass it as the state optimizer together with a random key, e.g.
-    `pcjax.infer(..., optimizer=pcjax.langevin(0.05), key=key)` or
-    `pcjax.train_step(..., state_optimizer=pcjax.langevin(0.05), key=key)`. Inference hands
-    update `t` the key `jax.random.fold_in(key, t)`, so every step draws fresh noise, the same
-    key replays the same run, and a new key per training step (e.g.
-    `jax.random.fold_in(key, step)`) gives new noise per step. Each sample of a batch is an
-    independent chain. Used directly, `update(grads, state, params, key=...)` needs the key.
+    Pass it as the optimizer of the state solver, and a random key to `pcjax.infer` or to
+    the training step:
+
+        solver = pcjax.GradientDescent(100, pcjax.langevin(0.05))
+        samples, info = pcjax.infer(fn, params, states, x, observed, solver=solver, key=key)
+
+        step = pcjax.make_train_step(fn, pcjax.Equilibrium(solver), optax.adam(1e-3))
+        params, opt_state, info = step(params, opt_state, x, observed, jax.random.fold_in(key, i))
+
+    Inference hands update `t` the key `jax.random.fold_in(key, t)`, so every step draws fresh
+    noise, the same key replays the same run, and a new key per training step (e.g.
+    `jax.random.fold_in(key, i)` at step `i`) gives new noise per step. Each sample of a batch
+    is an independent chain. Used directly, `update(grads, state, params, key=...)` needs the
+    key.
 
     **Arguments:** `step_size` $\eta > 0$, `temperature` $T \ge 0$ (0 is plain gradient
     descent).
     """
     if key is not None:
         raise TypeError(
-            "pcjax.langevin takes no key: pass key= to pcjax.infer / pcjax.train_step instead, "
-            "so that every call (and every step) draws fresh noise."
+            "pcjax.langevin takes no key: pass key= to pcjax.infer or to the training step "
+            "(step(params, opt_state, x, observed, key)) instead, so that every call (and every "
+            "step) draws fresh noise."
         )
-    if _concrete(step_size, "step_size") is not None and not _concrete(step_size, "") > 0:
-        raise ValueError(f"pcjax.langevin: `step_size` must be positive, got {step_size!r}.")
-    if _concrete(temperature, "temperature") is not None and not _concrete(temperature, "") >= 0:
-        raise ValueError(f"pcjax.langevin: `temperature` must be >= 0, got {temperature!r}.")
+    _check("step_size", step_size, lambda v: v > 0, "positive")
+    _check("temperature", temperature, lambda v: v >= 0, ">= 0")
     # Validated only when concrete, so that both may be traced (jit, schedules).
     scale = jnp.sqrt(2.0 * step_size * temperature)
 
@@ -70,8 +81,8 @@ def langevin(
         del params, extra_args
         if key is None:
             raise ValueError(
-                "pcjax.langevin needs a random key for its noise: pass key= to pcjax.infer or "
-                "pcjax.train_step (or to update() when used directly)."
+                "pcjax.langevin needs a random key for its noise: pass key= to pcjax.infer or to "
+                "the training step of pcjax.make_train_step (or to update() when used directly)."
             )
         leaves, treedef = jax.tree.flatten(grads)
         keys = jax.random.split(key, max(len(leaves), 1))

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from ._energy import (
     CustomEnergy,
     Precision,
+    checked_values,
     current_spec,
     in_graph_nodes,
     node_energy,
@@ -385,6 +386,46 @@ def as_model(fn: Any, where: str = "pcjax") -> EnergyModel:
             f"transformation of one (pcjax.fixed_predictions(fn), ...), got {type(fn).__name__}."
         )
     return EnergyModel(fn)
+
+
+def energy(
+    fn: Callable[..., Any] | EnergyModel,
+    params: Any,
+    states: Mapping[str, Array],
+    x: Any,
+    observed: Mapping[str, Array] | None = None,
+    *,
+    precision: Precision | None = None,
+) -> Array:
+    """Variational free energy of the PC network `fn` at the given node states.
+
+    $$F = \\sum_i \\Big[\\tfrac12 \\sum_n e_{i,n}^\\top P_i\\, e_{i,n}
+          - \\tfrac{N_i}{2}\\log\\det P_i\\Big], \\qquad e_i = x_i - \\mu_i,\\quad
+          \\mu_i = g_i(\\text{states of the parents of } i),$$
+
+    where the predictions $\\mu_i$ are the values tagged by `pcjax.node` when `fn(params, x)`
+    runs with every tagged node replaced by its state, and the log-det term is present for
+    precision modules only.
+
+    **Arguments:**
+
+    - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it
+      (`pcjax.fixed_predictions`, `pcjax.bidirectional`, ...: its energy at these states).
+    - `params`: its parameters (any pytree, e.g. an equinox module).
+    - `states`: dict of the free (latent) node states.
+    - `x`: the input of `fn` (any pytree, or None).
+    - `observed`: dict of the clamped node values (e.g. the label node during training).
+      Every tagged node must be in exactly one of `states` and `observed`.
+    - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
+      positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
+      `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
+      stored in (and learned with) the parameters.
+
+    **Returns:** the scalar energy, summed over nodes and batch.
+    """
+    model = as_model(fn, "pcjax.energy")
+    values, checked = checked_values(model.fn, params, states, x, observed, precision)
+    return model.energy(params, values, x, checked)
 
 
 def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:

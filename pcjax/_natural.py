@@ -37,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._checks import concrete_value
 from ._dense import dense_inputs, dense_sites
 from ._energy import CustomEnergy, Precision, batch_size, checked_values, in_graph_nodes
+from ._models import Bidirectional
 from ._precision import dense_matrix, weigh
-from ._sharding import _device_mean
+from ._sharding import device_mean
 from ._tagging import predictions, scan_depths
 
 Array = jax.Array
@@ -371,8 +373,6 @@ def _diagonal_solve(grad: Array, factors: KroneckerFactors, damping: Array) -> A
 def context_statistics(context: Any, mode: str) -> Any:
     """`fisher_statistics` of the given mode at the linearisation point of a training step's
     `pcjax.Context`."""
-    from ._models import Bidirectional  # _models imports what this module does
-
     if isinstance(context.model.base, Bidirectional):
         raise ValueError(
             "pcjax: Fisher statistics (natural_gradient, precision_weighted_gradient) of a "
@@ -389,22 +389,6 @@ def context_statistics(context: Any, mode: str) -> Any:
         precision=context.precision,
         mode=mode,
     )
-
-
-def with_statistics(optimizer: optax.GradientTransformation, mode: str) -> Any:
-    """`optimizer` handed `fisher=` statistics of `mode`, computed from the step's `context`
-    (how pcjax 0.1's `train_step(..., fisher=mode)` is built on the new API)."""
-    if mode not in MODES:
-        raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
-    optimizer = optax.with_extra_args_support(optimizer)
-
-    def update(updates, state, params=None, *, context=None, **extra_args):
-        if context is None:
-            raise ValueError("pcjax: Fisher statistics need the training step's `context`.")
-        fisher = context_statistics(context, mode)
-        return optimizer.update(updates, state, params, fisher=fisher, **extra_args)
-
-    return optax.GradientTransformationExtraArgs(optimizer.init, update)
 
 
 def _statistics(fisher: Any, context: Any, mode: str, name: str) -> Any:
@@ -443,28 +427,21 @@ def _check_fisher(fisher: Any, mode: str, name: str) -> None:
             )
 
 
-def _concrete(value: Any) -> Any:
-    """`value` as a NumPy value when it is known now (not traced), else None."""
-    if isinstance(value, jax.core.Tracer) or callable(value):
-        return None
-    return np.asarray(value)
-
-
 def _check_hyperparameters(mode, damping, ema_decay, refresh_every, cg_iters, mask) -> None:
     """Validate the hyperparameters that are concrete (traced ones, as
     `optax.inject_hyperparams` passes to `update`, and schedules are taken as they come)."""
     if mode not in MODES:
         raise ValueError(f"pcjax.natural_gradient: unknown mode {mode!r}; choose one of {MODES}.")
-    value = _concrete(damping)
+    value = concrete_value(damping)
     if value is not None and not (value.shape == () and value > 0):
         raise ValueError(f"pcjax.natural_gradient: `damping` must be positive, got {damping!r}.")
-    value = _concrete(ema_decay)
+    value = concrete_value(ema_decay)
     if value is not None and not (value.shape == () and 0.0 <= value < 1.0):
         raise ValueError(
             f"pcjax.natural_gradient: `ema_decay` must be in [0, 1), got {ema_decay!r}."
         )
     for name, number in (("refresh_every", refresh_every), ("cg_iters", cg_iters)):
-        value = _concrete(number)
+        value = concrete_value(number)
         if value is not None and (
             isinstance(number, bool)
             or value.shape != ()
@@ -486,7 +463,7 @@ def _check_hyperparameters(mode, damping, ema_decay, refresh_every, cg_iters, ma
             ("ema_decay", ema_decay, 0),
             ("refresh_every", refresh_every, 1),
         ):
-            value = _concrete(number)
+            value = concrete_value(number)
             if value is not None and value != neutral:
                 raise ValueError(
                     f"pcjax.natural_gradient: `{name}`={number!r} keeps running Fisher factors "
@@ -744,7 +721,7 @@ def _matrix_free_solve(updates, fisher, damping, cg_iters, cg_tol, axis_name):
         if axis_name is not None:
             # Device-local products, or (check_vma=True) their sum, which the transpose of the
             # replicated parameters' broadcast makes: either way the mean over the devices.
-            product = _device_mean(product, axis_name, None)
+            product = device_mean(product, axis_name, None)
         product = _per_leaf(updates, product, "Fisher-vector products")
         products = [p for p, c in zip(product, covered) if c]
         return [p + jnp.asarray(damping, s.dtype) * s for p, s in zip(products, sub)]
@@ -797,13 +774,6 @@ def _conjugate_gradients(
 
 class PrecisionWeightedState(NamedTuple):
     """The (empty) state of `precision_weighted_gradient`."""
-
-
-def uses_fisher(opt_state: Any) -> bool:
-    """Whether an optimizer state holds a transform that consumes `fisher` statistics."""
-    kinds = (NaturalGradientState, PrecisionWeightedState)
-    nodes = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, kinds))
-    return any(isinstance(s, kinds) for s in nodes)
 
 
 def precision_weighted_gradient() -> optax.GradientTransformationExtraArgs:

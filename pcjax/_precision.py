@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from ._checks import concrete_value
+
 Array = jax.Array
 
 
@@ -60,16 +62,8 @@ def _like(result: Array, reference: Array) -> Array:
     return result.astype(dtype) if jnp.issubdtype(dtype, jnp.inexact) else result
 
 
-def _concrete(value) -> np.ndarray | None:
-    """The value as a NumPy array, or None while it is being traced."""
-    try:
-        return np.asarray(value)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _check_positive(name: str, value: Array, floor: float) -> None:
-    concrete = _concrete(value)
+    concrete = concrete_value(value)
     if concrete is not None and not (np.all(concrete > floor) and np.all(np.isfinite(concrete))):
         raise ValueError(
             f"pcjax.{name}: precision values must be finite and greater than the floor "
@@ -201,7 +195,7 @@ class FullPrecision(Precision):
             raise ValueError(
                 f"pcjax.FullPrecision: `matrix` must be square, got shape {matrix.shape}."
             )
-        concrete = _concrete(matrix)
+        concrete = concrete_value(matrix)
         if concrete is not None:
             asymmetry = float(np.max(np.abs(concrete - concrete.T), initial=0.0))
             if asymmetry > 1e-6 * max(1.0, float(np.max(np.abs(concrete), initial=0.0))):
@@ -459,7 +453,7 @@ def update_precision_natural(
     **Returns:** the new precisions, a dict of modules of the same kinds.
     """
     name = "pcjax.update_precision_natural"
-    concrete = _concrete(step_size)
+    concrete = concrete_value(step_size)
     if concrete is not None and (
         concrete.ndim != 0 or not (np.isfinite(concrete) and concrete > 0)
     ):

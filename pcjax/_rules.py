@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._checks import check_no_python_floats, check_optimizer_state
 from ._energy import Precision, batch_size, checked_values
 from ._models import (
     Bidirectional,
@@ -450,8 +451,6 @@ def make_train_step(
         observed: Mapping[str, Array],
         key: Array | None = None,
     ) -> tuple[Any, optax.OptState, TrainInfo]:
-        from ._learning import check_no_python_floats, check_optimizer_state
-
         check_no_python_floats(params)
         check_optimizer_state(optimizer, opt_state, eqx.filter(params, eqx.is_inexact_array))
         if not isinstance(observed, Mapping):

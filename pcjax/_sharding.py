@@ -7,12 +7,12 @@ parameter gradient is a sum over samples). Two ways:
 
 - **`jax.jit` with shardings** (GSPMD): put the batch on a `NamedSharding(mesh, P("data"))`
   (`shard_batch`) and the parameters and optimizer state on a replicated sharding
-  (`replicate`), then call the jitted `pcjax.train_step` as usual. The program is the
-  single-device one; XLA partitions it.
-- **`jax.shard_map`**: write the per-device program yourself. Each device runs
-  `pcjax.train_step` on its shard of the batch; chain `cross_device_mean(axis)` in front of the
-  optimizer so that every device applies the same, globally averaged, update (with or without
-  `shard_map`'s type checks, `check_vma`).
+  (`replicate`), then call the jitted training step (`pcjax.make_train_step`) as usual. The
+  program is the single-device one; XLA partitions it.
+- **`jax.shard_map`**: write the per-device program yourself. Each device runs the training
+  step of `pcjax.make_train_step` on its shard of the batch; chain `cross_device_mean(axis)`
+  in front of the optimizer so that every device applies the same, globally averaged, update
+  (with or without `shard_map`'s type checks, `check_vma`).
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def cross_device_mean(
     `optax.chain(pcjax.cross_device_mean("data"), optax.adam(1e-3))`.
 
     With $N$ devices, device $d$ computing the gradient $g_d$ of its shard's loss, the update
-    on every device becomes $\bar g = \frac1N \sum_d g_d$. With `train_step`'s default
-    `mean_over_batch=True` each $g_d$ is the mean over its shard; with equal shards $\bar g$ is
-    the mean over the global batch, so every device applies the single-device update and the
-    replicated parameters stay identical.
+    on every device becomes $\bar g = \frac1N \sum_d g_d$. With the default
+    `mean_over_batch=True` of `pcjax.make_train_step` each $g_d$ is the mean over its shard;
+    with equal shards $\bar g$ is the mean over the global batch, so every device applies the
+    single-device update and the replicated parameters stay identical.
 
     How the gradient of a replicated parameter (`in_specs=P()`) arrives depends on
     `shard_map`'s mode. With the default `check_vma=True` autodiff has already summed it over
@@ -107,12 +107,12 @@ def cross_device_mean(
 
     def update(updates, state, params=None):
         del params
-        return _device_mean(updates, axis_name, summed), state
+        return device_mean(updates, axis_name, summed), state
 
     return optax.GradientTransformation(init, update)
 
 
-def _device_mean(updates: Any, axis_name: str, summed: bool | None) -> Any:
+def device_mean(updates: Any, axis_name: str, summed: bool | None) -> Any:
     """The mean of `updates` over the devices of `axis_name` (see `cross_device_mean`)."""
     if summed:
         size = jax.lax.axis_size(axis_name)

@@ -250,7 +250,7 @@ def mixed_precision(
     float32 master parameters). Outside pcjax it is `fn` on cast inputs.
 
         net = pcjax.mixed_precision(my_net)            # bfloat16 matmuls, float32 states
-        pcjax.train_step(net, params, opt_state, x, observed, ...)
+        step = pcjax.make_train_step(net, pcjax.Equilibrium(pcjax.GradientDescent(8)), optimizer)
     """
 
     def cast(tree: Any) -> Any:

@@ -76,7 +76,8 @@ def call(model: Callable[[Any], Array], x: Any) -> Array:
     """`jax.vmap(model)(x)`: the per-sample `model` on every sample of `x` (batch axis first).
 
     The `fn` to pass to pcjax together with `params=model`, e.g.
-    `pcjax.train_step(pcjax.nn.call, model, opt_state, x, {"out": y}, ...)`.
+    `step = pcjax.make_train_step(pcjax.nn.call, rule, optimizer)`, then
+    `model, opt_state, info = step(model, opt_state, x, {"out": y})`.
     """
     return jax.vmap(model)(x)
 

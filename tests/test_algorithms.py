@@ -324,23 +324,17 @@ def test_meaningless_combinations_are_refused_when_the_step_is_built():
         pc.make_train_step(net, pc.Equilibrium(solver), "adam")
 
 
-def test_infer_needs_a_solver_or_the_old_keywords_but_not_both(data):
+def test_infer_needs_a_solver_and_the_old_keywords_are_removed(data):
+    """pcjax 0.1's keywords were removed in 0.3; tests/test_release03_api.py checks the
+    messages and that the composed call they show computes what the keywords did."""
     w, x, y = data
     states = {"h": x @ w["w1"]}
     with pytest.raises(TypeError, match="pass an inference solver"):
         pc.infer(net, w, states, x, {"y": y})
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(TypeError, match=r"removed in pcjax 0\.3"):
         pc.infer(net, w, states, x, {"y": y}, solver=pc.GradientDescent(2), steps=2)
-    with pytest.warns(DeprecationWarning, match="deprecated"):
-        old, _ = pc.infer(net, w, states, x, {"y": y}, steps=3, fixed_predictions=True)
-    new, _ = pc.infer(
-        pc.fixed_predictions(net), w, states, x, {"y": y}, solver=pc.GradientDescent(3)
-    )
-    assert max_rel(old, new) == 0.0
-    with pytest.warns(DeprecationWarning, match="make_train_step"):
-        pc.train_step(
-            net, w, optax.sgd(0.1).init(w), x, {"y": y}, optimizer=optax.sgd(0.1), steps=2
-        )
+    with pytest.raises(AttributeError, match="make_train_step"):
+        pc.train_step  # noqa: B018
 
 
 def test_guarded_keeps_the_old_parameters_after_a_bad_batch(data):

@@ -23,7 +23,7 @@ def test_state_shape_mismatch_names_node_and_shapes(problem):
     with pytest.raises(ValueError, match=r"'h1' has shape \(8, 7\).*prediction has shape \(8, 4\)"):
         pc.energy(mlp, params, bad, x, observed)
     with pytest.raises(ValueError, match="'h2' has shape"):
-        pc.infer(mlp, params, latent, x, {"h2": jnp.zeros((8,))}, steps=1)
+        pc.infer(mlp, params, latent, x, {"h2": jnp.zeros((8,))}, solver=pc.GradientDescent(1))
 
 
 def test_node_in_neither_or_both(problem):
@@ -31,7 +31,9 @@ def test_node_in_neither_or_both(problem):
     with pytest.raises(ValueError, match=r"\['h2'\] are in neither"):
         pc.energy(mlp, params, latent, x)
     with pytest.raises(ValueError, match=r"\['h1'\] are in both"):
-        pc.infer(mlp, params, latent, x, {**observed, "h1": latent["h1"]}, steps=1)
+        pc.infer(
+            mlp, params, latent, x, {**observed, "h1": latent["h1"]}, solver=pc.GradientDescent(1)
+        )
 
 
 def test_unknown_node_names(problem):
@@ -39,7 +41,9 @@ def test_unknown_node_names(problem):
     with pytest.raises(ValueError, match=r"unknown node\(s\) \['h9'\].*tags \['h0', 'h1', 'h2'\]"):
         pc.energy(mlp, params, {**latent, "h9": latent["h0"]}, x, observed)
     with pytest.raises(ValueError, match=r"`precision` names unknown node\(s\) \['out'\]"):
-        pc.infer(mlp, params, latent, x, observed, steps=1, precision={"out": 1.0})
+        pc.infer(
+            mlp, params, latent, x, observed, precision={"out": 1.0}, solver=pc.GradientDescent(1)
+        )
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, jnp.array([1.0, -2.0, 1.0, 1.0]), jnp.nan])
@@ -67,7 +71,7 @@ def test_precision_shape_must_fit_node(problem):
 def test_steps_must_be_positive_int(problem, steps):
     params, x, observed, latent = problem
     with pytest.raises(ValueError, match="`steps` must be a positive int"):
-        pc.infer(mlp, params, latent, x, observed, steps=steps)
+        pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(steps))
 
 
 def test_duplicate_and_untagged_functions(problem):
@@ -90,11 +94,13 @@ def test_vmap_over_samples_equals_batched_inference(problem):
 
     def one(states, xi, yi):
         add_batch = functools.partial(jax.tree.map, lambda v: v[None])
-        states, info = pc.infer(mlp, params, add_batch(states), xi[None], {"h2": yi[None]}, steps=7)
+        states, info = pc.infer(
+            mlp, params, add_batch(states), xi[None], {"h2": yi[None]}, solver=pc.GradientDescent(7)
+        )
         return jax.tree.map(lambda v: v[0], states), info.energy
 
     per_sample, energies = jax.vmap(one)(latent, x, observed["h2"])
-    batched, info = pc.infer(mlp, params, latent, x, observed, steps=7)
+    batched, info = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(7))
     for name in batched:
         np.testing.assert_allclose(per_sample[name], batched[name], rtol=1e-12)
     # The same terms summed in another order (per sample, then over samples): float32 rounding
@@ -108,7 +114,12 @@ def test_grad_through_inference_matches_finite_differences(problem64):
 
     def relaxed_energy(scale):
         _states, info = pc.infer(
-            mlp, params, latent, scale * x, {"h2": observed["h2"]}, steps=10, step_size=0.2
+            mlp,
+            params,
+            latent,
+            scale * x,
+            {"h2": observed["h2"]},
+            solver=pc.GradientDescent(10, step_size=0.2),
         )
         return info.energy
 
@@ -127,7 +138,7 @@ def test_jitted_train_step_compiles_once(problem):
         return mlp(params, x)
 
     optimizer = optax.adam(1e-2)
-    step = jax.jit(functools.partial(pc.train_step, counted, optimizer=optimizer, steps=5))
+    step = jax.jit(pc.make_train_step(counted, pc.Equilibrium(pc.GradientDescent(5)), optimizer))
     opt_state = optimizer.init(params)
     params, opt_state, info = step(params, opt_state, x, observed)
     after_first = len(traces)
@@ -171,9 +182,14 @@ def test_equinox_params_fpa_grads_equal_backprop():
     y = jax.random.normal(jax.random.PRNGKey(5), (6, 3))
     latent = {"h0": pc.forward_init(call_model, model, x)["h0"]}
     states, _ = pc.infer(
-        call_model, model, latent, x, {"h1": y}, steps=1, step_size=1.0, fixed_predictions=True
+        pc.fixed_predictions(call_model),
+        model,
+        latent,
+        x,
+        {"h1": y},
+        solver=pc.GradientDescent(1, step_size=1.0),
     )
-    grads = pc.param_grads(call_model, model, states, x, {"h1": y}, fixed_predictions=True)
+    grads = pc.param_grads(pc.fixed_predictions(call_model), model, states, x, {"h1": y})
     reference = eqx.filter_grad(lambda m: 0.5 * jnp.sum((y - m(x)) ** 2))(model)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
         np.testing.assert_allclose(g, r, rtol=1e-10)
@@ -184,28 +200,12 @@ def test_train_step_equals_infer_then_param_grads(problem, fixed_predictions):
     params, x, observed, latent = problem
     optimizer = optax.sgd(0.1)
     opt_state = optimizer.init(params)
-    new, _, info = pc.train_step(
-        mlp,
-        params,
-        opt_state,
-        x,
-        observed,
-        optimizer=optimizer,
-        steps=4,
-        step_size=0.3,
-        fixed_predictions=fixed_predictions,
-    )
-    states, _ = pc.infer(
-        mlp,
-        params,
-        latent,
-        x,
-        observed,
-        steps=4,
-        step_size=0.3,
-        fixed_predictions=fixed_predictions,
-    )
-    grads = pc.param_grads(mlp, params, states, x, observed, fixed_predictions=fixed_predictions)
+    model = pc.fixed_predictions(mlp) if fixed_predictions else mlp
+    solver = pc.GradientDescent(4, step_size=0.3)
+    step = pc.make_train_step(model, pc.Equilibrium(solver), optimizer)
+    new, _, info = step(params, opt_state, x, observed)
+    states, _ = pc.infer(model, params, latent, x, observed, solver=solver)
+    grads = pc.param_grads(model, params, states, x, observed)
     expected = jax.tree.map(lambda p, g: p - 0.1 * g / x.shape[0], params, grads)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
@@ -215,18 +215,10 @@ def test_train_step_equals_infer_then_param_grads(problem, fixed_predictions):
 def test_incremental_pc_updates_params_every_step(problem):
     params, x, observed, latent = problem
     optimizer = optax.sgd(0.05)
-    new, _, info = pc.train_step(
-        mlp,
-        params,
-        optimizer.init(params),
-        x,
-        observed,
-        optimizer=optimizer,
-        steps=3,
-        step_size=0.2,
-        incremental=True,
-        mean_over_batch=False,
+    step = pc.make_train_step(
+        mlp, pc.Incremental(3, step_size=0.2), optimizer, mean_over_batch=False
     )
+    new, _, info = step(params, optimizer.init(params), x, observed)
     # The same thing written out: joint gradient, states and params updated together; the
     # energy reported is the last step's, before its update.
     states, p = dict(latent), params
@@ -242,7 +234,9 @@ def test_incremental_pc_updates_params_every_step(problem):
 
 def test_per_sample_param_grads_by_vmap_sum_to_batch_grads(problem):
     params, x, observed, latent = problem
-    states, _ = jax.jit(lambda s: pc.infer(mlp, params, s, x, observed, steps=5))(latent)
+    states, _ = jax.jit(
+        lambda s: pc.infer(mlp, params, s, x, observed, solver=pc.GradientDescent(5))
+    )(latent)
 
     def one(s, xi, yi):
         add_batch = functools.partial(jax.tree.map, lambda v: v[None])
@@ -257,8 +251,10 @@ def test_per_sample_param_grads_by_vmap_sum_to_batch_grads(problem):
 @pytest.mark.parametrize("unroll", [1, 3, True])
 def test_unrolling_does_not_change_the_result(problem, unroll):
     params, x, observed, latent = problem
-    rolled, _ = pc.infer(mlp, params, latent, x, observed, steps=6, unroll=1)
-    states, _ = pc.infer(mlp, params, latent, x, observed, steps=6, unroll=unroll)
+    rolled, _ = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(6, unroll=1))
+    states, _ = pc.infer(
+        mlp, params, latent, x, observed, solver=pc.GradientDescent(6, unroll=unroll)
+    )
     for name in latent:
         np.testing.assert_allclose(states[name], rolled[name], rtol=1e-12)
 
@@ -267,7 +263,7 @@ def test_unrolling_does_not_change_the_result(problem, unroll):
 def test_bad_unroll_is_rejected(problem, unroll):
     params, x, observed, latent = problem
     with pytest.raises(ValueError, match="unroll"):
-        pc.infer(mlp, params, latent, x, observed, steps=3, unroll=unroll)
+        pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(3, unroll=unroll))
 
 
 def test_docstrings_hold_no_control_characters():

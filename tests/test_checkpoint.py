@@ -3,7 +3,6 @@ determinism: the same seed gives the same bits on the CPU."""
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import zlib
@@ -319,7 +318,7 @@ def _problem():
     model = nn.MLP([5, 8, 3], key=key_m)
     optimizer = optax.adam(1e-2)
     step = jax.jit(
-        functools.partial(pc.train_step, nn.call, optimizer=optimizer, steps=4, step_size=0.2)
+        pc.make_train_step(nn.call, pc.Equilibrium(pc.GradientDescent(4, step_size=0.2)), optimizer)
     )
     return model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), step, x, y
 
@@ -353,9 +352,14 @@ def test_same_seed_same_bits():
 
     def sample(key):
         return pc.infer(
-            nn.call, model, states, x[0], {"h1": y[0]}, steps=5,
-            optimizer=pc.langevin(0.05), key=key,
-        )[0]  # fmt: skip
+            nn.call,
+            model,
+            states,
+            x[0],
+            {"h1": y[0]},
+            key=key,
+            solver=pc.GradientDescent(5, pc.langevin(0.05)),
+        )[0]
 
     key = jax.random.PRNGKey(3)
     assert trees_equal(sample(key), sample(key))

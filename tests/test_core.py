@@ -98,10 +98,15 @@ def test_fixed_predictions_equal_backprop(dtype, rtol):
     latent = {k: v for k, v in ff.items() if k != "h3"}
     # Step size 1 reaches the exact equilibrium in as many steps as the graph is deep.
     states, info = pc.infer(
-        mlp, params, latent, x, observed, steps=3, step_size=1.0, fixed_predictions=True
+        pc.fixed_predictions(mlp),
+        params,
+        latent,
+        x,
+        observed,
+        solver=pc.GradientDescent(3, step_size=1.0),
     )
     assert info.energy.dtype == dtype and states["h0"].dtype == dtype
-    grads = pc.param_grads(mlp, params, states, x, observed, fixed_predictions=True)
+    grads = pc.param_grads(pc.fixed_predictions(mlp), params, states, x, observed)
     assert rel_error(grads, backprop_grads(params, x, y)) < rtol
     # The equilibrium errors are minus the backprop gradients w.r.t. each node.
     node_grads = jax.grad(lambda h: 0.5 * jnp.sum((y - mlp_from(params, h)) ** 2))(ff["h1"])
@@ -128,10 +133,8 @@ def test_standard_pc_approaches_backprop_as_output_precision_shrinks(problem64):
             latent,
             x,
             observed,
-            steps=3000,
-            step_size=0.2,
-            tol=1e-13,
             precision={"h2": gamma},
+            solver=pc.GradientDescent(3000, step_size=0.2, tol=1e-13),
         )
         assert int(info.steps) < 3000  # reached the equilibrium, not the step cap
         grads = pc.param_grads(mlp, params, states, x, observed, precision={"h2": gamma})
@@ -167,10 +170,8 @@ def test_linear_gaussian_chain_reaches_closed_form_posterior():
         init,
         batch,
         {"v": v},
-        steps=5000,
-        step_size=0.1,
-        tol=1e-12,
         precision=precision,
+        solver=pc.GradientDescent(5000, step_size=0.1, tol=1e-12),
     )
     assert not info.diverged and int(info.steps) < 5000
     # Dense solve of the quadratic energy: Lambda [z; h] = eta for each sample.
@@ -190,16 +191,20 @@ def test_linear_gaussian_chain_reaches_closed_form_posterior():
 
 def test_state_updates_do_not_depend_on_batch_size(problem):
     params, x, observed, latent = problem
-    full, _ = pc.infer(mlp, params, latent, x, observed, steps=5)
+    full, _ = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(5))
     one = {k: v[:1] for k, v in latent.items()}
-    single, _ = pc.infer(mlp, params, one, x[:1], {"h2": observed["h2"][:1]}, steps=5)
+    single, _ = pc.infer(
+        mlp, params, one, x[:1], {"h2": observed["h2"][:1]}, solver=pc.GradientDescent(5)
+    )
     for name in full:
         np.testing.assert_allclose(single[name], full[name][:1], rtol=5e-6)  # float32: 9.5e-7
 
 
 def test_inference_lowers_energy_and_records_it(problem):
     params, x, observed, latent = problem
-    states, info = pc.infer(mlp, params, latent, x, observed, steps=20, record_energy=True)
+    states, info = pc.infer(
+        mlp, params, latent, x, observed, solver=pc.GradientDescent(20, record_energy=True)
+    )
     assert info.energies.shape == (20,)
     assert np.all(np.diff(np.asarray(info.energies)) < 0)
     assert float(info.energy) < float(info.energies[-1])
@@ -215,10 +220,7 @@ def test_tolerance_stop_and_any_optax_optimizer(problem):
         latent,
         x,
         observed,
-        steps=500,
-        optimizer=optax.adam(0.05),
-        tol=1e-6,
-        record_energy=True,
+        solver=pc.GradientDescent(500, optax.adam(0.05), tol=1e-6, record_energy=True),
     )
     taken = int(info.steps)
     assert 0 < taken < 500
@@ -232,13 +234,15 @@ def test_tolerance_stop_and_any_optax_optimizer(problem):
 
 def test_divergence_is_reported_and_can_raise(problem):
     params, x, observed, latent = problem
-    _, info = pc.infer(mlp, params, latent, x, observed, steps=200, step_size=10.0)
+    _, info = pc.infer(
+        mlp, params, latent, x, observed, solver=pc.GradientDescent(200, step_size=10.0)
+    )
     assert bool(info.diverged)
     bad = {"h2": observed["h2"].at[0, 0].set(jnp.nan)}
-    _, info = pc.infer(mlp, params, latent, x, bad, steps=2)
+    _, info = pc.infer(mlp, params, latent, x, bad, solver=pc.GradientDescent(2))
     assert bool(info.diverged)
     with pytest.raises(Exception, match="non-finite"):
-        states, _ = pc.infer(mlp, params, latent, x, bad, steps=2, raise_on_divergence=True)
+        states, _ = pc.infer(mlp, params, latent, x, bad, solver=pc.GradientDescent(2, throw=True))
         jax.block_until_ready(states)
 
 
@@ -247,7 +251,9 @@ def test_memory_does_not_grow_with_steps(problem):
 
     def temp_bytes(steps, unroll=None):
         run = jax.jit(
-            lambda s: pc.infer(mlp, params, s, x, observed, steps=steps, unroll=unroll)[0]
+            lambda s: pc.infer(
+                mlp, params, s, x, observed, solver=pc.GradientDescent(steps, unroll=unroll)
+            )[0]
         )
         analysis = run.lower(latent).compile().memory_analysis()
         if analysis is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,9 @@ def _setup(dtype):
 
 def _relaxed_grads(fn, model, x, observed, steps=20):
     states = {k: v for k, v in pc.forward_init(fn, model, x).items() if k not in observed}
-    states, info = pc.infer(fn, model, states, x, observed, steps=steps, step_size=0.2)
+    states, info = pc.infer(
+        fn, model, states, x, observed, solver=pc.GradientDescent(steps, step_size=0.2)
+    )
     return states, info, pc.param_grads(fn, model, states, x, observed)
 
 
@@ -38,7 +38,7 @@ def test_native_dtypes_are_kept(dtype):
     assert all(s.dtype == dtype for s in states.values())
     assert all(g.dtype == dtype for g in jax.tree.leaves(grads))
     optimizer = optax.adam(1e-3)
-    step = jax.jit(functools.partial(pc.train_step, nn.call, optimizer=optimizer, steps=4))
+    step = jax.jit(pc.make_train_step(nn.call, pc.Equilibrium(pc.GradientDescent(4)), optimizer))
     new, _, info = step(model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), x, observed)
     assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(new))
     assert not bool(info.diverged)
@@ -62,7 +62,7 @@ def test_bfloat16_compute_with_float32_states():
     error = float(jnp.linalg.norm(flat - ref) / jnp.linalg.norm(ref))
     assert 1e-5 < error < 3e-2, error  # not float32-exact, but close
     optimizer = optax.adam(1e-3)
-    step = jax.jit(functools.partial(pc.train_step, net, optimizer=optimizer, steps=4))
+    step = jax.jit(pc.make_train_step(net, pc.Equilibrium(pc.GradientDescent(4)), optimizer))
     new, _, info = step(model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), x, observed)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))
     assert info.energy.dtype == jnp.float32 and not bool(info.diverged)

@@ -92,7 +92,7 @@ def _states(fn, params, x, observed):
 def test_random_pytrees_keep_their_structure(net):
     fn, params, x, observed, _ = net
     states = _states(fn, params, x, observed)
-    relaxed, info = pc.infer(fn, params, states, x, observed, steps=3)
+    relaxed, info = pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(3))
     assert not bool(info.diverged)
     grads = pc.param_grads(fn, params, relaxed, x, observed)
     assert jax.tree.structure(grads, is_leaf=lambda v: v is None) == jax.tree.structure(
@@ -101,7 +101,8 @@ def test_random_pytrees_keep_their_structure(net):
     )
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    new, _, info = pc.train_step(fn, params, opt_state, x, observed, optimizer=optimizer, steps=2)
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
+    new, _, info = step(params, opt_state, x, observed)
     assert jax.tree.structure(new) == jax.tree.structure(params)
     for old, leaf in zip(jax.tree.leaves(params), jax.tree.leaves(new)):
         assert leaf.dtype == old.dtype and leaf.shape == old.shape
@@ -126,16 +127,15 @@ def test_non_finite_input_is_reported_and_guarded(net, where, bad, position):
             name: target.reshape(-1).at[position % target.size].set(bad).reshape(target.shape)
         }
     states = _states(fn, params, x, observed)
-    _, info = pc.infer(fn, params, states, x, observed, steps=2)
+    _, info = pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(2))
     assert bool(info.diverged)
     optimizer = optax.sgd(0.1)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    new, new_state, info = pc.train_step(
-        fn, params, opt_state, x, observed, optimizer=optimizer, steps=2, guard=True
-    )
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
+    new, new_state, info = pc.guarded(step)(params, opt_state, x, observed)
     assert bool(info.diverged)
     assert trees_equal(new, params) and trees_equal(new_state, opt_state)
-    _, _, info = pc.train_step(fn, params, opt_state, x, observed, optimizer=optimizer, steps=2)
+    _, _, info = step(params, opt_state, x, observed)
     assert bool(info.diverged)  # without the guard the update is applied, but reported
 
 
@@ -145,10 +145,9 @@ def test_absurd_step_sizes_never_leave_non_finite_params_when_guarded(net, step_
     fn, params, x, observed, _ = net
     optimizer = optax.sgd(step_size)
     opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    new, _, info = pc.train_step(
-        fn, params, opt_state, x, observed, optimizer=optimizer, steps=4,
-        step_size=min(step_size, 1e6), guard=True,
-    )  # fmt: skip
+    solver = pc.GradientDescent(4, step_size=min(step_size, 1e6))
+    step = pc.guarded(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
+    new, _, info = step(params, opt_state, x, observed)
     finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(new))
     assert finite
     if bool(info.diverged):
@@ -170,7 +169,7 @@ def test_bad_steps_are_rejected(net, steps):
     fn, params, x, observed, _ = net
     states = _states(fn, params, x, observed)
     with pytest.raises(ValueError, match="`steps` must be a positive int"):
-        pc.infer(fn, params, states, x, observed, steps=steps)
+        pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(steps))
 
 
 @SETTINGS
@@ -188,7 +187,7 @@ def test_bad_step_sizes_are_rejected(net, step_size):
     fn, params, x, observed, _ = net
     states = _states(fn, params, x, observed)
     with pytest.raises(ValueError, match="`step_size` must be a positive finite number"):
-        pc.infer(fn, params, states, x, observed, steps=2, step_size=step_size)
+        pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(2, step_size=step_size))
 
 
 @SETTINGS
@@ -222,8 +221,9 @@ def test_empty_batch_is_an_error(net):
     x = x[:0]
     observed = {k: v[:0] for k, v in observed.items()}
     optimizer = optax.sgd(0.1)
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
     with pytest.raises(ValueError, match="empty batch"):
-        pc.train_step(fn, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=2)
+        step(params, optimizer.init(params), x, observed)
 
 
 @SETTINGS
@@ -233,7 +233,7 @@ def test_integer_free_states_are_rejected(net, dtype):
     states = _states(fn, params, x, observed)
     states[free[0]] = states[free[0]].astype(dtype)
     with pytest.raises(TypeError, match=f"free node '{free[0]}' has dtype"):
-        pc.infer(fn, params, states, x, observed, steps=2)
+        pc.infer(fn, params, states, x, observed, solver=pc.GradientDescent(2))
 
 
 @SETTINGS
@@ -252,8 +252,6 @@ def test_optimizer_initialised_on_integer_leaves_gets_a_hint():
 
     params = {"w": jnp.ones((3, 2)), "count": jnp.array(3)}
     optimizer = optax.adam(1e-2)
+    step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
     with pytest.raises(ValueError, match=r"optimizer.init\(eqx.filter\(params"):
-        pc.train_step(
-            fn, params, optimizer.init(params), jnp.ones((4, 3)), {"y": jnp.zeros((4, 2))},
-            optimizer=optimizer, steps=2,
-        )  # fmt: skip
+        step(params, optimizer.init(params), jnp.ones((4, 3)), {"y": jnp.zeros((4, 2))})

@@ -3,8 +3,6 @@ discriminative, generative (learned prior on the top latent) and conditional gen
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +25,10 @@ def digits():
     )
 
 
-def fit(fn, params, batches, optimizer, epochs, **options):
-    """Train with pcjax.train_step over `batches` (a list of (x, observed)); return params and
-    the mean energy of the first and last epoch."""
-    step = jax.jit(functools.partial(pc.train_step, fn, optimizer=optimizer, **options))
+def fit(fn, params, batches, optimizer, epochs, solver):
+    """Train with pcjax.make_train_step (learning at the equilibrium `solver` reaches) over
+    `batches` (a list of (x, observed)); return params and the mean energy of each epoch."""
+    step = jax.jit(pc.make_train_step(fn, pc.Equilibrium(solver), optimizer))
     opt_state = optimizer.init(params)
     history = []
     for _ in range(epochs):
@@ -55,7 +53,9 @@ def test_discriminative_training_and_classification_by_inference(digits):
     x_train, y_train, x_test, y_test = digits
     params = init_mlp(jax.random.PRNGKey(0), [64, 64, 10], jnp.float32)
     batches = batches_of(x_train, {"h1": jax.nn.one_hot(y_train, 10)})
-    params, history = fit(mlp, params, batches, optax.adam(3e-3), 25, steps=10, step_size=0.1)
+    params, history = fit(
+        mlp, params, batches, optax.adam(3e-3), 25, pc.GradientDescent(10, step_size=0.1)
+    )
     assert history[-1] < 0.2 * history[0]
     feedforward = jnp.argmax(mlp(params, x_test), -1)
     accuracy = float(jnp.mean(feedforward == y_test))
@@ -65,7 +65,9 @@ def test_discriminative_training_and_classification_by_inference(digits):
     start = pc.forward_init(mlp, params, x_test)
     start["h1"] = jnp.zeros_like(start["h1"])
     initial = pc.energy(mlp, params, start, x_test)
-    states, info = pc.infer(mlp, params, start, x_test, steps=200, step_size=0.2)
+    states, info = pc.infer(
+        mlp, params, start, x_test, solver=pc.GradientDescent(200, step_size=0.2)
+    )
     assert float(info.energy) < 1e-4 * float(initial)
     assert float(jnp.mean(jnp.argmax(states["h1"], -1) == feedforward)) == 1.0
 
@@ -95,7 +97,7 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
         (jnp.zeros((64, 0)), observed) for _, observed in batches_of(x_train, {"pixels": x_train})
     ]
     trained, history = fit(
-        generative, params, batches, optax.adam(3e-3), 30, steps=30, step_size=0.1
+        generative, params, batches, optax.adam(3e-3), 30, pc.GradientDescent(30, step_size=0.1)
     )
     assert history[-1] < 0.5 * history[0], history
     # The prior mean is learned: its energy term 1/2 ||z - prior||^2 is minimal at the mean of
@@ -104,7 +106,12 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
     latent = {"z": pc.forward_init(generative, trained, empty)["z"]}
     latent["h"] = pc.forward_init(generative, trained, empty)["h"]
     relaxed, _ = pc.infer(
-        generative, trained, latent, empty, {"pixels": x_train}, steps=30, step_size=0.1
+        generative,
+        trained,
+        latent,
+        empty,
+        {"pixels": x_train},
+        solver=pc.GradientDescent(30, step_size=0.1),
     )
     mean_z = relaxed["z"].mean(0)
     assert float(jnp.linalg.norm(mean_z)) > 0.1  # a non-trivial target (measured 0.17)
@@ -115,7 +122,14 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
         latent = pc.forward_init(generative, params, empty)
         del latent["pixels"]
         observed = {"pixels": x_test}
-        states, _ = pc.infer(generative, params, latent, empty, observed, steps=100, step_size=0.1)
+        states, _ = pc.infer(
+            generative,
+            params,
+            latent,
+            empty,
+            observed,
+            solver=pc.GradientDescent(100, step_size=0.1),
+        )
         errors = pc.prediction_errors(generative, params, states, empty, observed)
         return float(jnp.mean(errors["pixels"] ** 2))
 
@@ -138,13 +152,19 @@ def test_conditional_generation_by_inference(digits):
             [{"image": x_train[i : i + 64]} for i in range(0, 1408, 64)],
         )
     ]
-    params, history = fit(conditional, params, batches, optax.adam(1e-2), 30, steps=10)
+    params, history = fit(
+        conditional, params, batches, optax.adam(1e-2), 30, pc.GradientDescent(10)
+    )
     assert history[-1] < 0.5 * history[0]
     # Generate: the label is the input, every node (the image included) is free, from zero.
     labels = jnp.eye(10, dtype=jnp.float32)
     start = {k: jnp.zeros_like(v) for k, v in pc.forward_init(conditional, params, labels).items()}
     states, info = pc.infer(
-        conditional, params, start, labels, steps=2000, optimizer=optax.adam(0.02), tol=1e-4
+        conditional,
+        params,
+        start,
+        labels,
+        solver=pc.GradientDescent(2000, optax.adam(0.02), tol=1e-4),
     )
     assert not bool(info.diverged) and float(info.energy) < 1e-6
     class_means = jnp.stack([x_train[y_train == c].mean(0) for c in range(10)])

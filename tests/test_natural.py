@@ -50,7 +50,7 @@ def _layer(h, w, v, p):
     params = {"w": w, "b": jnp.zeros(3, w.dtype)}
     precision = {"v": pc.FullPrecision(p)}
     grads = pc.param_grads(linear, params, {}, h, {"v": v}, precision=precision)
-    grads = jax.tree.map(lambda g: g / 32, grads)  # batch mean, as train_step uses
+    grads = jax.tree.map(lambda g: g / 32, grads)  # batch mean, as the training step uses
     return params, h, v, precision, grads
 
 
@@ -408,7 +408,7 @@ def test_hyperparameters_are_checked_when_concrete():
     pc.natural_gradient("kronecker", refresh_every=jnp.asarray(2), mask={})
 
 
-# ---------------------------------------------------------------- in train_step
+# ---------------------------------------------------------------- in a training step
 
 
 def classifier(params, x):
@@ -458,7 +458,13 @@ def hand_computed():
             precision = {"h0": p0, "h1": pc.FullPrecision(p1)}
             latent = {"h0": pc.forward_init(classifier, params, x)["h0"]}
             states, _ = pc.infer(
-                classifier, params, latent, x, {"h1": y}, steps=TRAIN_STEPS, precision=precision
+                classifier,
+                params,
+                latent,
+                x,
+                {"h1": y},
+                precision=precision,
+                solver=pc.GradientDescent(TRAIN_STEPS),
             )
             grads = pc.param_grads(classifier, params, states, x, {"h1": y}, precision=precision)
             layers = [(x, jnp.diag(p0)), (jnp.tanh(states["h0"]), p1)]
@@ -476,19 +482,17 @@ def hand_computed():
 @pytest.mark.x64
 @pytest.mark.parametrize("mode", ["diagonal", "kronecker", "matrix_free"])
 def test_train_step_applies_the_hand_computed_natural_gradient(hand_computed, mode):
-    """One train_step with fisher=mode and optax.scale(-lr) moves the parameters by -lr times
-    the natural gradient built by hand from the relaxed states of pc.infer."""
+    """One training step with pc.natural_gradient(mode) and optax.scale(-lr) moves the
+    parameters by -lr times the natural gradient built by hand from the relaxed states of
+    pc.infer (the transform computes its statistics from the step's context)."""
     (params, x, y, precision), moves = hand_computed
     optimizer = optax.chain(
         pc.natural_gradient(mode, damping=DAMPING, cg_iters=200, cg_tol=1e-14),
         optax.scale(-TRAIN_LR),
     )
-    step = functools.partial(
-        pc.train_step, classifier, optimizer=optimizer, steps=TRAIN_STEPS, fisher=mode
-    )
-    new_params, _, _ = jax.jit(step)(
-        params, optimizer.init(params), x, {"h1": y}, precision=precision
-    )
+    rule = pc.Equilibrium(pc.GradientDescent(TRAIN_STEPS))
+    step = pc.make_train_step(classifier, rule, optimizer, precision=precision)
+    new_params, _, _ = jax.jit(step)(params, optimizer.init(params), x, {"h1": y})
     moved = jax.tree.map(lambda a, b: a - b, new_params, params)
     tolerance = {"diagonal": 1e-15, "kronecker": 5e-14, "matrix_free": 3e-12}[mode]
     # measured 1.9e-16 (diagonal), 9.1e-15 (kronecker), 5.5e-13 (matrix_free: CG)
@@ -500,17 +504,6 @@ def test_train_step_applies_the_hand_computed_natural_gradient(hand_computed, mo
 
 def test_misuse_is_reported(layer):
     params, h, v, _precision, grads = layer
-    with pytest.raises(ValueError, match="must contain a transform that takes them"):
-        pc.train_step(
-            linear,
-            params,
-            optax.adam(0.1).init(params),
-            h,
-            {"v": v},
-            optimizer=optax.adam(0.1),
-            steps=1,
-            fisher="kronecker",
-        )
     transform = pc.natural_gradient("kronecker")
     with pytest.raises(ValueError, match="no Fisher statistics"):
         transform.update(grads, transform.init(params), params)
@@ -617,22 +610,24 @@ SHARDED_SCRIPT = textwrap.dedent(
         except Exception as error:
             results["errors"][name] = f"{type(error).__name__}: {error}"
 
-    # train_step with fisher=: the same parameters as one device after two steps.
+    # A training step (the transform takes its statistics from the step's context): the same
+    # parameters as one device after two steps.
     optimizer = optax.chain(
         pc.cross_device_mean("data"), transforms["kronecker (running factors)"]("data"),
         optax.sgd(0.2),
     )
     single = optax.chain(transforms["kronecker (running factors)"](None), optax.sgd(0.2))
-    train = functools.partial(
-        pc.train_step, net, steps=3, precision=precision, fisher="kronecker"
-    )
+    def train(optimizer):
+        rule = pc.Equilibrium(pc.GradientDescent(3))
+        return pc.make_train_step(net, rule, optimizer, precision=precision)
+
     reference, state = params, single.init(params)
-    single_step = jax.jit(functools.partial(train, optimizer=single))
+    single_step = jax.jit(train(single))
     for _ in range(2):
         reference, state, _ = single_step(reference, state, x, {"y": y})
 
     def local(params, state, x, y):
-        params, state, _ = train(params, state, x, {"y": y}, optimizer=optimizer)
+        params, state, _ = train(optimizer)(params, state, x, {"y": y})
         return params, state
 
     for check_vma in (True, False):
@@ -643,7 +638,7 @@ SHARDED_SCRIPT = textwrap.dedent(
         got, state = params, optimizer.init(params)
         for _ in range(2):
             got, state = step(got, state, x, y)
-        results["max_rel"][f"train_step check_vma={check_vma}"] = max(
+        results["max_rel"][f"make_train_step check_vma={check_vma}"] = max(
             float(np.abs(np.asarray(shard.data) - np.asarray(ref)).max())
             / float(np.abs(np.asarray(ref) - np.asarray(start)).max())
             for leaf, ref, start in zip(
@@ -680,14 +675,14 @@ def test_sharded_natural_gradient_is_the_single_device_update(sharded_results):
     assert "max_rel" in results, done.stderr[-3000:]
     assert results["devices"] == 2
     # float32 rounding (the reductions run in another order), relative to the largest update
-    # entry (train_step: to the largest parameter change); measured 1.6e-7 (diagonal), 3.5e-6
-    # (kronecker: float32 eigh), 4.4e-7 (matrix_free), 1.3e-6 (train_step). Before the fix,
-    # with each device's own statistics, the train_step parameters were 6.8 steps apart.
+    # entry (make_train_step: to the largest parameter change); measured 1.6e-7 (diagonal), 3.5e-6
+    # (kronecker: float32 eigh), 4.4e-7 (matrix_free), 1.3e-6 (make_train_step). Before the fix,
+    # with each device's own statistics, the training step's parameters were 6.8 steps apart.
     tolerances = {
         "diagonal": 1e-6,
         "kronecker (running factors)": 1e-5,
         "matrix_free": 2e-6,
-        "train_step": 5e-6,
+        "make_train_step": 5e-6,
     }
     assert set(results["max_rel"]) == {
         f"{name} check_vma={check}" for name in tolerances for check in (True, False)

@@ -81,10 +81,14 @@ def unrolled_depth(model, x) -> int:
 def _fixed_prediction_grads(model, x, target, output, steps):
     latent = {k: v for k, v in pc.forward_init(nn.call, model, x).items() if k != output}
     states, info = pc.infer(
-        nn.call, model, latent, x, {output: target}, steps=steps, step_size=1.0,
-        fixed_predictions=True,
-    )  # fmt: skip
-    grads = pc.param_grads(nn.call, model, states, x, {output: target}, fixed_predictions=True)
+        pc.fixed_predictions(nn.call),
+        model,
+        latent,
+        x,
+        {output: target},
+        solver=pc.GradientDescent(steps, step_size=1.0),
+    )
+    grads = pc.param_grads(pc.fixed_predictions(nn.call), model, states, x, {output: target})
     return grads, info.diverged
 
 
@@ -130,10 +134,8 @@ def test_standard_pc_approaches_backprop_on_a_resnet():
             latent,
             x,
             {"out": y},
-            steps=4000,
-            step_size=0.2,
-            tol=1e-12,
             precision={"out": gamma},
+            solver=pc.GradientDescent(4000, step_size=0.2, tol=1e-12),
         )
         grads = pc.param_grads(nn.call, model, states, x, {"out": y}, precision={"out": gamma})
         errors.append(rel_error(jax.tree.map(lambda g, s=gamma: g / s, grads), reference))
@@ -269,7 +271,7 @@ def test_train_step_on_scanned_layers_equals_unrolled():
     x, y = jax.random.normal(k2, (5, 6)), jax.random.normal(k3, (5, 3))
     optimizer = optax.sgd(0.1)
     step = eqx.filter_jit(
-        functools.partial(pc.train_step, nn.call, optimizer=optimizer, steps=4, step_size=0.1)
+        pc.make_train_step(nn.call, pc.Equilibrium(pc.GradientDescent(4, step_size=0.1)), optimizer)
     )
     updated = {}
     for scan_layers in (False, True):

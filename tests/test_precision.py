@@ -88,8 +88,8 @@ def test_user_precisions_must_be_spd_and_fit_their_node(problem):
             latent,
             x,
             observed,
-            steps=1,
             precision={"h2": pc.DiagonalPrecision(jnp.ones(4))},
+            solver=pc.GradientDescent(1),
         )
     with pytest.raises(ValueError, match=r"node 'h1' has shape \(4, 4\).*FullPrecision"):
         pc.energy(mlp, params, latent, x, observed, precision={"h1": jnp.eye(4)})
@@ -159,7 +159,8 @@ def two_regressions(params, x):
 
 
 def test_learned_precisions_recover_noise_covariance(noisy_regression):
-    """Gradient learning (train_step with precisions inside params) reaches P^{-1} = Sigma."""
+    """Gradient learning (a training step with precisions inside params) reaches
+    P^{-1} = Sigma."""
     x, v, _, covariance = noisy_regression
     start = {
         "diagonal": pc.DiagonalPrecision(jnp.ones(3)),
@@ -170,11 +171,10 @@ def test_learned_precisions_recover_noise_covariance(noisy_regression):
     }
     optimizer = optax.adam(0.05)
     step = jax.jit(
-        functools.partial(
-            pc.train_step,
+        pc.make_train_step(
             two_regressions,
-            optimizer=optimizer,
-            steps=1,
+            pc.Equilibrium(pc.GradientDescent(1)),
+            optimizer,
             precision=lambda p: {k: p[k]["precision"] for k in start},
         )
     )
@@ -223,15 +223,13 @@ def test_preconditioned_inference_scales_by_inverse_precision(problem64):
     p1 = spd(jax.random.PRNGKey(5), 4)
     precision = {"h0": 3.0, "h1": pc.FullPrecision(p1)}
     states, _ = pc.infer(
-        mlp,
+        pc.preconditioned(mlp),
         params,
         start,
         x,
         observed,
-        steps=1,
-        step_size=0.1,
         precision=precision,
-        precondition=True,
+        solver=pc.GradientDescent(1, step_size=0.1),
     )
     grads = jax.grad(lambda s: pc.energy(mlp, params, s, x, observed, precision=precision))(start)
     rtol = 1e-14  # measured 7.1e-16 (h0) and 1.9e-15 (h1)
@@ -297,11 +295,10 @@ def test_float32_model_with_float32_precisions_stays_float32_under_x64(problem):
     assert _dtypes(lambda: pc.energy(mlp, params, latent, x, observed, precision=precision)) == F32
     learned = {"net": params, "precision": precision}
     optimizer = optax.sgd(0.01)
-    step = functools.partial(
-        pc.train_step,
+    step = pc.make_train_step(
         lambda p, x: mlp(p["net"], x),
-        optimizer=optimizer,
-        steps=2,
+        pc.Equilibrium(pc.GradientDescent(2)),
+        optimizer,
         precision=lambda p: p["precision"],
     )
     new, _, info = jax.eval_shape(lambda: step(learned, optimizer.init(learned), x, observed))

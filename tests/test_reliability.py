@@ -44,7 +44,9 @@ def test_langevin_draws_fresh_noise_every_call_and_replays_a_key(problem):
     sampler = pc.langevin(0.05)
 
     def sample(key):
-        return pc.infer(mlp, params, latent, x, observed, steps=3, optimizer=sampler, key=key)[0]
+        return pc.infer(
+            mlp, params, latent, x, observed, key=key, solver=pc.GradientDescent(3, sampler)
+        )[0]
 
     first, again, other = sample(jax.random.PRNGKey(0)), sample(jax.random.PRNGKey(0)), None
     other = sample(jax.random.PRNGKey(1))
@@ -52,11 +54,11 @@ def test_langevin_draws_fresh_noise_every_call_and_replays_a_key(problem):
     assert not trees_equal(first, other)
     # In training: two steps with different keys draw different noise, the same key the same.
     optimizer = optax.sgd(0.1)
-    step = functools.partial(
-        pc.train_step, mlp, params, optimizer.init(params), x, observed,
-        optimizer=optimizer, steps=3, state_optimizer=sampler,
-    )  # fmt: skip
-    a, b, c = (step(key=jax.random.PRNGKey(k))[0] for k in (5, 5, 6))
+    step = pc.make_train_step(mlp, pc.Equilibrium(pc.GradientDescent(3, sampler)), optimizer)
+    opt_state = optimizer.init(params)
+    a, b, c = (
+        step(params, opt_state, x, observed, key=jax.random.PRNGKey(k))[0] for k in (5, 5, 6)
+    )
     assert trees_equal(a, b) and not trees_equal(a, c)
 
 
@@ -72,9 +74,14 @@ def test_langevin_noise_is_independent_across_steps():
     start = {"z": jnp.zeros((chains, 4))}
     # A zero precision is not allowed; a tiny one makes the drift negligible (1e-9 per step).
     states, _ = pc.infer(
-        flat, None, start, jnp.zeros((chains, 0)), steps=steps,
-        optimizer=pc.langevin(eta), precision={"z": 1e-9}, key=jax.random.PRNGKey(2),
-    )  # fmt: skip
+        flat,
+        None,
+        start,
+        jnp.zeros((chains, 0)),
+        precision={"z": 1e-9},
+        key=jax.random.PRNGKey(2),
+        solver=pc.GradientDescent(steps, pc.langevin(eta)),
+    )
     variance = float(jnp.var(states["z"]))
     expected = 2 * eta * steps
     # Standard error of a variance from 16,000 normal draws: sqrt(2/16000) = 1.1% of it.
@@ -84,33 +91,27 @@ def test_langevin_noise_is_independent_across_steps():
 def test_langevin_without_a_key_is_a_clear_error(problem):
     params, x, observed, latent = problem
     with pytest.raises(ValueError, match=r"key="):
-        pc.infer(mlp, params, latent, x, observed, steps=2, optimizer=pc.langevin(0.05))
+        pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(2, pc.langevin(0.05)))
     with pytest.raises(TypeError, match=r"key="):
         pc.langevin(0.05, jax.random.PRNGKey(0))
 
 
-# ---------------------------------------------------------------- 2. flag combinations
+# ---------------------------------------------------------------- 2. combinations
 
-# pcjax 0.1's flags map onto composable objects (`pcjax.make_train_step`); the pairs that name
-# two learning rules at once, or an option the rule has not, cannot be mapped and are refused.
-# The pairs that used to be refused and now compose are tested against ground truths in
+# pcjax 0.1's flags became composable objects (`pcjax.make_train_step`); a combination without
+# a meaning cannot be built (iPC has no tolerance, and one step has one rule), or is refused
+# when the step is built. The combinations that compose are tested against ground truths in
 # tests/test_algorithms.py.
-REJECTED = [
-    ({"incremental": True, "tol": 1e-3}, "`incremental` together with `tol`"),
-    ({"incremental": True, "nudging": "centred"}, "`incremental` together with `nudging`"),
-    ({"nudging": "centred", "fixed_predictions": True}, "fixed-prediction field is not"),
-]
 
 
-@pytest.mark.parametrize("options, message", REJECTED, ids=lambda v: str(v))
-def test_flag_combinations_without_a_meaning_are_rejected(problem, options, message):
-    params, x, observed, _ = problem
-    optimizer = optax.sgd(0.1)
-    with pytest.raises(ValueError, match=message):
-        pc.train_step(
-            mlp, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=2,
-            **options,
-        )  # fmt: skip
+def test_combinations_without_a_meaning_are_rejected(problem):
+    with pytest.raises(TypeError, match="tol"):
+        pc.Incremental(2, tol=1e-3)  # iPC makes a fixed number of joint steps
+    with pytest.raises(TypeError, match="`solver` must be a pcjax solver"):
+        pc.Nudged(pc.Incremental(2))  # two learning rules at once
+    rule = pc.Nudged(pc.GradientDescent(2), 0.1, "centred")
+    with pytest.raises(ValueError, match="fixed-prediction field is not"):
+        pc.make_train_step(pc.fixed_predictions(mlp), rule, optax.sgd(0.1))
 
 
 # ---------------------------------------------------------------- 3./4. nudging
@@ -150,10 +151,9 @@ def test_nudging_keeps_hidden_custom_energies():
         expected = jax.tree.map(np.asarray, reference(as64(params), as64(x), as64(y)))
 
     optimizer = optax.sgd(1.0)
-    new, _, _ = pc.train_step(
-        _two_layer, params, optimizer.init(params), x, {"y": y}, optimizer=optimizer,
-        steps=steps, step_size=eta, nudging="positive", nudge=beta, mean_over_batch=False,
-    )  # fmt: skip
+    rule = pc.Nudged(pc.GradientDescent(steps, step_size=eta), beta, "positive")
+    step = pc.make_train_step(_two_layer, rule, optimizer, mean_over_batch=False)
+    new, _, _ = step(params, optimizer.init(params), x, {"y": y})
     # measured 4.5e-6 (a float32 reference written by hand: 4.2e-6)
     assert rel_error(sgd_update(new, params), expected) < 1e-5
 
@@ -185,11 +185,12 @@ def test_nudged_precision_gradients_converge_to_the_equilibrium_gradient():
     optimizer = optax.sgd(1.0)
 
     def estimate(nudging, beta):
-        new, _, info = pc.train_step(
-            _learned_precision_net, params, optimizer.init(params), x, {"y": y},
-            optimizer=optimizer, precision=lambda p: p["precision"], steps=3000, step_size=0.1,
-            tol=1e-12, nudging=nudging, nudge=beta, mean_over_batch=False,
+        solver = pc.GradientDescent(3000, step_size=0.1, tol=1e-12)
+        step = pc.make_train_step(
+            _learned_precision_net, pc.Nudged(solver, beta, nudging), optimizer,
+            precision=lambda p: p["precision"], mean_over_batch=False,
         )  # fmt: skip
+        new, _, info = step(params, optimizer.init(params), x, {"y": y})
         assert int(info.inference_steps) < 3000
         return sgd_update(new, params)
 
@@ -212,7 +213,14 @@ def test_tolerance_stops_the_same_sample_at_the_same_step_in_any_batch(problem):
     params, x, observed, latent = problem
 
     def steps_taken(x, observed, latent):
-        _, info = pc.infer(mlp, params, latent, x, observed, steps=500, step_size=0.1, tol=1e-3)
+        _, info = pc.infer(
+            mlp,
+            params,
+            latent,
+            x,
+            observed,
+            solver=pc.GradientDescent(500, step_size=0.1, tol=1e-3),
+        )
         return int(info.steps)
 
     def pick(tree, rows):
@@ -253,9 +261,13 @@ def test_preconditioned_inference_with_a_free_custom_energy_node():
     expected = {"h": start["h"] - eta * grads["h"] / precision, "label": start["label"]}
     expected["label"] = start["label"] - eta * grads["label"]  # custom energy: not scaled
     states, _ = pc.infer(
-        _classifier, params, start, x, steps=1, step_size=eta, precision={"h": precision},
-        precondition=True,
-    )  # fmt: skip
+        pc.preconditioned(_classifier),
+        params,
+        start,
+        x,
+        precision={"h": precision},
+        solver=pc.GradientDescent(1, step_size=eta),
+    )
     for name in expected:
         # measured: max relative 1.6e-6 where entries are near 0, max absolute 2.1e-8
         np.testing.assert_allclose(states[name], expected[name], rtol=1e-5, atol=1e-7)
@@ -267,13 +279,20 @@ def test_preconditioned_inference_with_a_free_custom_energy_node():
 def test_errors_from_the_optimizer_are_not_blamed_on_its_initialisation(problem):
     params, x, observed, _ = problem
     model = pc.nn.MLP([6, 5, 3], key=jax.random.PRNGKey(0))  # dense layers: Fisher factors
-    optimizer = optax.chain(pc.natural_gradient("diagonal"), optax.sgd(0.1))
+    diagonal = pc.natural_gradient("diagonal")
+    kronecker = pc.fisher_statistics(  # statistics of another mode than the transform's
+        pc.nn.call, model, {}, x, {"h0": pc.forward_init(pc.nn.call, model, x)["h0"],
+        "h1": observed["h2"]}, mode="kronecker",
+    )  # fmt: skip
+
+    def refusing_update(updates, state, params=None, **extra):  # an optimizer that raises
+        return diagonal.update(updates, state, params, fisher=kronecker)
+
+    optimizer = optax.GradientTransformationExtraArgs(diagonal.init, refusing_update)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = pc.make_train_step(pc.nn.call, pc.Equilibrium(pc.GradientDescent(2)), optimizer)
     with pytest.raises(ValueError, match="other mode") as caught:
-        pc.train_step(
-            pc.nn.call, model, opt_state, x, {"h1": observed["h2"]}, optimizer=optimizer,
-            steps=2, fisher="kronecker",
-        )  # fmt: skip
+        step(model, opt_state, x, {"h1": observed["h2"]})
     assert "initialise the optimizer state" not in str(caught.value)
 
     def fussy_update(updates, state, params=None):
@@ -282,7 +301,7 @@ def test_errors_from_the_optimizer_are_not_blamed_on_its_initialisation(problem)
         return updates, state
 
     fussy = optax.GradientTransformation(lambda p: optax.EmptyState(), fussy_update)
-    step = jax.jit(functools.partial(pc.train_step, mlp, optimizer=fussy, steps=2))
+    step = jax.jit(pc.make_train_step(mlp, pc.Equilibrium(pc.GradientDescent(2)), fussy))
     with pytest.raises(jax.errors.TracerBoolConversionError):
         step(params, fussy.init(params), x, observed)
 
@@ -290,12 +309,12 @@ def test_errors_from_the_optimizer_are_not_blamed_on_its_initialisation(problem)
 def test_an_optimizer_state_from_another_optimizer_is_named(problem):
     params, x, observed, _ = problem
     momentum = optax.sgd(0.1, momentum=0.9)
+    rule = pc.Equilibrium(pc.GradientDescent(2))
+    step = pc.make_train_step(mlp, rule, optax.adam(1e-3))
     with pytest.raises(ValueError, match=r"`opt_state` does not match `optimizer`"):
-        pc.train_step(
-            mlp, params, momentum.init(params), x, observed, optimizer=optax.adam(1e-3), steps=2
-        )
+        step(params, momentum.init(params), x, observed)
     with pytest.raises(TypeError, match=r"`optimizer` must be an optax"):
-        pc.train_step(mlp, params, optax.EmptyState(), x, observed, optimizer=None, steps=2)
+        pc.make_train_step(mlp, rule, None)
 
 
 @pytest.mark.parametrize("argument", ["states", "observed"])
@@ -304,7 +323,7 @@ def test_node_dicts_of_the_wrong_type_are_named(problem, argument):
     bad = {"states": list(latent.values()), "observed": list(observed.values())}[argument]
     kwargs = {"states": latent, "observed": observed, argument: bad}
     with pytest.raises(TypeError, match=rf"`{argument}` must be a dict"):
-        pc.infer(mlp, params, kwargs["states"], x, kwargs["observed"], steps=1)
+        pc.infer(mlp, params, kwargs["states"], x, kwargs["observed"], solver=pc.GradientDescent(1))
     with pytest.raises(TypeError, match=rf"`{argument}` must be a dict"):
         pc.energy(mlp, params, kwargs["states"], x, kwargs["observed"])
 
@@ -314,13 +333,13 @@ def test_node_dicts_of_the_wrong_type_are_named(problem, argument):
 
 def test_integer_scalars_are_accepted_as_steps_and_the_rest_rejected(problem):
     params, x, observed, latent = problem
-    reference, _ = pc.infer(mlp, params, latent, x, observed, steps=3)
+    reference, _ = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(3))
     for steps in (np.int64(3), np.int32(3), jnp.asarray(3)):
-        states, _ = pc.infer(mlp, params, latent, x, observed, steps=steps)
+        states, _ = pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(steps))
         assert trees_equal(states, reference)
     for steps in (3.0, True, np.array([3]), "3"):
         with pytest.raises(ValueError, match="`steps` must be a positive int"):
-            pc.infer(mlp, params, latent, x, observed, steps=steps)
+            pc.infer(mlp, params, latent, x, observed, solver=pc.GradientDescent(steps))
 
 
 # ---------------------------------------------------------------- 17. Python float leaves
@@ -333,11 +352,9 @@ def test_python_float_parameters_are_refused_with_their_path():
     params = {"scale": 2.0, "w": jnp.ones((3, 2))}
     x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
     optimizer = optax.sgd(0.1)
+    step = pc.make_train_step(scaled, pc.Equilibrium(pc.GradientDescent(1)), optimizer)
     with pytest.raises(TypeError, match=r"\['scale'\].*Python float"):
-        pc.train_step(
-            scaled, params, optimizer.init(eqx.filter(params, eqx.is_inexact_array)), x,
-            {"y": y}, optimizer=optimizer, steps=1,
-        )  # fmt: skip
+        step(params, optimizer.init(eqx.filter(params, eqx.is_inexact_array)), x, {"y": y})
     with pytest.raises(TypeError, match=r"\['scale'\].*Python float"):
         pc.param_grads(scaled, params, {}, x, {"y": y})
 
@@ -354,10 +371,8 @@ def test_incremental_energy_is_the_one_before_the_last_update(problem):
         s = jax.tree.map(lambda a, g: a - eta * g, s, gs)
         p = jax.tree.map(lambda a, g: a - lr * g / batch, p, gp)
     optimizer = optax.sgd(lr)
-    new, _, info = pc.train_step(
-        mlp, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=steps,
-        step_size=eta, incremental=True,
-    )  # fmt: skip
+    step = pc.make_train_step(mlp, pc.Incremental(steps, step_size=eta), optimizer)
+    new, _, info = step(params, optimizer.init(params), x, observed)
     assert rel_error(new, p) < 1e-7  # measured 3.2e-9 (float32)
     np.testing.assert_allclose(info.energy, value, rtol=1e-6)  # measured 6.8e-8
 
@@ -368,7 +383,9 @@ def test_incremental_energy_is_the_one_before_the_last_update(problem):
 @pytest.mark.x64
 def test_standard_pc_param_grads_equal_jax_grad_of_the_handwritten_energy(problem64):
     params, x, observed, latent = problem64
-    states, _ = pc.infer(mlp, params, latent, x, observed, steps=20, step_size=0.2)
+    states, _ = pc.infer(
+        mlp, params, latent, x, observed, solver=pc.GradientDescent(20, step_size=0.2)
+    )
     precision = {"h0": 2.0, "h2": 0.5}
     grads = pc.param_grads(mlp, params, states, x, observed, precision=precision)
     expected = jax.grad(handwritten_energy)(params, states, x, observed, precision)

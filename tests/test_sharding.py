@@ -90,7 +90,7 @@ def test_shard_batch_errors_and_placement(tmp_path):
 # gradient with `summed` stated explicitly. Results go to argv[1] as JSON after each part.
 SHARD_MAP_SCRIPT = textwrap.dedent(
     """
-    import functools, json, sys
+    import json, sys
     import equinox as eqx, jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import PartitionSpec as P
     import pcjax as pc
@@ -120,12 +120,16 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
         (rng.normal(size=(16, 6)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32))
         for _ in range(10)
     ]
-    train = functools.partial(pc.train_step, nn.call, steps=4, step_size=0.1)
+
+    def train(optimizer):
+        rule = pc.Equilibrium(pc.GradientDescent(4, step_size=0.1))
+        return pc.make_train_step(nn.call, rule, optimizer)
+
     scale = max(float(np.abs(np.asarray(a)).max()) for a in leaves(model))
     results["param_scale"] = scale
 
     for name, optimizer in [("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-2))]:
-        step = jax.jit(functools.partial(train, optimizer=optimizer))
+        step = jax.jit(train(optimizer))
         reference, state = model, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         for x, y in batches:
             reference, state, _ = step(reference, state, x, {"h1": y})
@@ -136,7 +140,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
         averaged = optax.chain(pc.cross_device_mean("data"), optimizer)
 
         def local_step(params, state, x, y):
-            params, state, _ = train(params, state, x, {"h1": y}, optimizer=averaged)
+            params, state, _ = train(averaged)(params, state, x, {"h1": y})
             return params, state
 
         for check_vma in (True, False):

@@ -56,10 +56,14 @@ def test_vmapped_equinox_model_energy_and_fpa_gradients():
     energy = pc.energy(batched, model, states, x, {"h1": y})
     np.testing.assert_allclose(energy, by_hand(model, states["h0"]), rtol=1e-14)
     relaxed, _ = pc.infer(
-        batched, model, {"h0": ff["h0"]}, x, {"h1": y}, steps=1, step_size=1.0,
-        fixed_predictions=True,
-    )  # fmt: skip
-    grads = pc.param_grads(batched, model, relaxed, x, {"h1": y}, fixed_predictions=True)
+        pc.fixed_predictions(batched),
+        model,
+        {"h0": ff["h0"]},
+        x,
+        {"h1": y},
+        solver=pc.GradientDescent(1, step_size=1.0),
+    )
+    grads = pc.param_grads(pc.fixed_predictions(batched), model, relaxed, x, {"h1": y})
     reference = eqx.filter_grad(lambda m: 0.5 * jnp.sum((y - batched(m, x)) ** 2))(model)
     assert rel_error(grads, reference) < 1e-15  # measured 7.4e-17
 
@@ -97,9 +101,14 @@ def test_scan_rnn_nodes_are_stacked_and_fpa_equals_backprop():
     energy = pc.energy(rnn, params, states, xs, {"y": y})
     np.testing.assert_allclose(energy, by_hand(states["h"]), rtol=1e-14)
     relaxed, _ = pc.infer(
-        rnn, params, {"h": ff["h"]}, xs, {"y": y}, steps=6, step_size=1.0, fixed_predictions=True
+        pc.fixed_predictions(rnn),
+        params,
+        {"h": ff["h"]},
+        xs,
+        {"y": y},
+        solver=pc.GradientDescent(6, step_size=1.0),
     )
-    grads = pc.param_grads(rnn, params, relaxed, xs, {"y": y}, fixed_predictions=True)
+    grads = pc.param_grads(pc.fixed_predictions(rnn), params, relaxed, xs, {"y": y})
     reference = jax.grad(lambda p: 0.5 * jnp.sum((y - rnn(p, xs)) ** 2))(params)
     assert rel_error(grads, reference) < 1e-15  # measured 1.3e-16
 
@@ -124,13 +133,9 @@ def test_inner_jit_with_a_warm_cache_and_checkpoint_keep_their_nodes():
         "first", "inner", "out",
     ]  # fmt: skip
     optimizer = optax.sgd(0.1)
-    step = jax.jit(
-        lambda p, s: pc.train_step(
-            with_inner_jit_and_checkpoint, p, s, x, {"out": jnp.zeros((5, 3))},
-            optimizer=optimizer, steps=3,
-        )
-    )  # fmt: skip
-    _, _, info = step(params, optimizer.init(params))
+    rule = pc.Equilibrium(pc.GradientDescent(3))
+    step = jax.jit(pc.make_train_step(with_inner_jit_and_checkpoint, rule, optimizer))
+    _, _, info = step(params, optimizer.init(params), x, {"out": jnp.zeros((5, 3))})
     assert not bool(info.diverged)
     states = pc.forward_init(with_inner_jit_and_checkpoint, params, x)
     shifted = {"first": states["first"], "inner": states["inner"] + 1.0}
@@ -341,9 +346,14 @@ def assert_energy_and_fpa_exact(fn, params, x, y, by_hand, steps):
     energy = pc.energy(fn, params, shifted, x, {"out": y})
     np.testing.assert_allclose(energy, by_hand(params, shifted), rtol=1e-13)
     relaxed, _ = pc.infer(
-        fn, params, latent, x, {"out": y}, steps=steps, step_size=1.0, fixed_predictions=True
+        pc.fixed_predictions(fn),
+        params,
+        latent,
+        x,
+        {"out": y},
+        solver=pc.GradientDescent(steps, step_size=1.0),
     )
-    grads = pc.param_grads(fn, params, relaxed, x, {"out": y}, fixed_predictions=True)
+    grads = pc.param_grads(pc.fixed_predictions(fn), params, relaxed, x, {"out": y})
     reference = eqx.filter_grad(lambda p: 0.5 * jnp.sum((y - fn(p, x)) ** 2))(params)
     return rel_error(grads, reference)
 
@@ -474,10 +484,12 @@ def test_train_step_averages_over_the_batch_not_the_stacked_time_axis():
     }
     xs = jax.random.normal(k[3], (7, 4, 2))  # time 7, batch 4
     ys = jax.random.normal(k[4], (7, 4, 2))
-    new, _, _ = pc.train_step(
-        sequence_to_sequence, params, optax.sgd(1.0).init(params), xs, {"y": ys},
-        optimizer=optax.sgd(1.0), steps=9, step_size=1.0, fixed_predictions=True,
-    )  # fmt: skip
+    step = pc.make_train_step(
+        pc.fixed_predictions(sequence_to_sequence),
+        pc.Equilibrium(pc.GradientDescent(9, step_size=1.0)),
+        optax.sgd(1.0),
+    )
+    new, _, _ = step(params, optax.sgd(1.0).init(params), xs, {"y": ys})
     summed = eqx.filter_grad(lambda p: 0.5 * jnp.sum((ys - sequence_to_sequence(p, xs)) ** 2))(
         params
     )
@@ -486,9 +498,9 @@ def test_train_step_averages_over_the_batch_not_the_stacked_time_axis():
 
 
 def test_tol_takes_each_samples_norm_past_the_stacked_scan_axes():
-    """`infer(tol=...)` stops on the largest per-sample gradient norm; for a node stacked along
-    a scan the sample axis comes after the stacked axis (it used to take axis 0: a shape error
-    beside unstacked nodes, the max over layers otherwise)."""
+    """`GradientDescent(tol=...)` stops on the largest per-sample gradient norm; for a node
+    stacked along a scan the sample axis comes after the stacked axis (it used to take axis 0:
+    a shape error beside unstacked nodes, the max over layers otherwise)."""
     k = jax.random.split(jax.random.PRNGKey(15), 4)
     params = {
         "stem": jax.random.normal(k[0], (3, 4)),
@@ -510,7 +522,12 @@ def test_tol_takes_each_samples_norm_past_the_stacked_scan_axes():
     norm = per_sample_grad_norm(grads, {"stem": 0, "layer": 1})
     np.testing.assert_allclose(norm, by_hand, rtol=1e-6)
     _, info = pc.infer(
-        observed_last, params, latent, x, {"out": y}, steps=500, step_size=0.2, tol=float(norm) / 10
+        observed_last,
+        params,
+        latent,
+        x,
+        {"out": y},
+        solver=pc.GradientDescent(500, step_size=0.2, tol=float(norm) / 10),
     )
     assert 0 < int(info.steps) < 500
 

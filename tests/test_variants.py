@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import mlp, rel_error
+from conftest import rel_error
 
 import pcjax as pc
 from pcjax import nn
@@ -37,9 +37,15 @@ def test_langevin_inference_samples_the_linear_gaussian_posterior():
     def sample(temperature):
         # The slowest mode relaxes by a factor (1 - 0.01 * 2)^600 = 5e-6.
         return pc.infer(
-            model, None, start, batch, observed, steps=steps, precision=precision,
-            optimizer=pc.langevin(0.01, temperature=temperature), key=jax.random.PRNGKey(3),
-        )  # fmt: skip
+            model,
+            None,
+            start,
+            batch,
+            observed,
+            precision=precision,
+            key=jax.random.PRNGKey(3),
+            solver=pc.GradientDescent(steps, pc.langevin(0.01, temperature=temperature)),
+        )
 
     states, info = sample(1.0)
     assert not bool(info.diverged)
@@ -57,22 +63,11 @@ def test_langevin_inference_samples_the_linear_gaussian_posterior():
 
 
 def nudged_gradient(model, x, y, nudging, beta):
-    """The gradient estimate of one nudged train_step (SGD with step 1, summed over batch)."""
+    """The gradient estimate of one nudged training step (SGD with step 1, summed over batch)."""
     optimizer = optax.sgd(1.0)
-    new, _, info = pc.train_step(
-        nn.call,
-        model,
-        optimizer.init(model),
-        x,
-        {"h1": y},
-        optimizer=optimizer,
-        steps=4000,
-        step_size=0.2,
-        tol=1e-11,
-        nudging=nudging,
-        nudge=beta,
-        mean_over_batch=False,
-    )
+    rule = pc.Nudged(pc.GradientDescent(4000, step_size=0.2, tol=1e-11), beta, nudging)
+    step = pc.make_train_step(nn.call, rule, optimizer, mean_over_batch=False)
+    new, _, info = step(model, optimizer.init(model), x, {"h1": y})
     assert int(info.inference_steps) < 4000
     return jax.tree.map(lambda a, b: a - b, model, new)
 
@@ -104,15 +99,10 @@ def test_nudging_estimates_approach_backprop(energy):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"nudging": "both"}, "`nudging` must be one of"),
-        ({"nudging": "centred", "nudge": 0.0}, "`nudge` must be positive"),
+        ({"mode": "both"}, "`mode` must be one of"),
+        ({"mode": "centred", "beta": 0.0}, "`beta` must be a positive number"),
     ],
 )
-def test_nudging_arguments_are_checked(problem, options, message):
-    params, x, observed, _ = problem
-    optimizer = optax.sgd(0.1)
+def test_nudging_arguments_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
-        pc.train_step(
-            mlp, params, optimizer.init(params), x, observed, optimizer=optimizer, steps=2,
-            **options,
-        )  # fmt: skip
+        pc.Nudged(pc.GradientDescent(2), **options)
