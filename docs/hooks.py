@@ -7,27 +7,37 @@
   in `benchmarks/results/`.
 - The notebooks of `notebooks/` become pages under `notebooks/`, rendered by mkdocs-jupyter with
   their stored outputs (never executed by the build).
-- Maths is typeset by KaTeX (site pages) and by MathJax 2 (the notebooks' markdown cells, as
-  mkdocs-jupyter renders them), loaded from a CDN; `PCJAX_KATEX_URL` (a folder holding
-  `katex.min.js`, `katex.min.css` and `contrib/auto-render.min.js`) and `PCJAX_MATHJAX_URL`
-  (MathJax 2's `MathJax.js?config=...`) point them elsewhere, e.g. at local copies to browse
-  the site offline.
+- Maths is typeset in the browser by MathJax 2, served by the site itself: the build copies
+  the MathJax that Jupyter's server extension ships (the `jupyter-server-mathjax` package of
+  the docs extra) into `assets/mathjax/`, and every page loads it by a relative URL. No page
+  requests anything from outside the site (the theme's web fonts are off in mkdocs.yml), so
+  the site works offline, e.g. on a firewalled cluster. Site pages typeset what
+  pymdownx.arithmatex leaves (`\\( \\)`, `\\[ \\]`); notebook pages also `$ $` and `$$ $$`, as
+  Jupyter does. mkdocs-jupyter's own MathJax loader (a CDN URL, or an empty one) is removed.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
+import shutil
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
+from mkdocs.utils import get_relative_url
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 NOTEBOOKS = ROOT / "notebooks"
-KATEX = "https://cdn.jsdelivr.net/npm/katex@0.16.11/dist"
+MATHJAX_DIR = "assets/mathjax"  # where the build puts MathJax, relative to the site root
+# The combined configuration that jupyter-server-mathjax ships: TeX input, HTML-CSS output.
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full"
+# mkdocs-jupyter's MathJax block (from nbconvert's `base/mathjax.html.j2` macro).
+NOTEBOOK_MATHJAX = re.compile(
+    r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S
+)
 
 
 def report_module():
@@ -69,16 +79,66 @@ def benchmarks_page() -> str:
     return f"{title}\n\n{intro}{body}"
 
 
+def mathjax_source() -> Path:
+    """The folder holding `MathJax.js` in the installed jupyter-server-mathjax package."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError as error:
+        raise ImportError(
+            "the docs need MathJax from the jupyter-server-mathjax package: "
+            "pip install -e '.[docs]'"
+        ) from error
+    return Path(jupyter_server_mathjax.__file__).parent / "static"
+
+
+def mathjax_head(page_url: str, notebook: bool) -> str:
+    """The MathJax configuration and loader for one page, by a URL relative to the page."""
+    inline = [["\\(", "\\)"]]
+    display = [["\\[", "\\]"]]
+    if notebook:  # Jupyter's delimiters too, as in the notebook
+        inline.insert(0, ["$", "$"])
+        display.insert(0, ["$$", "$$"])
+    config = {
+        "tex2jax": {
+            "inlineMath": inline,
+            "displayMath": display,
+            "processEscapes": True,
+            "processEnvironments": True,
+        },
+        "TeX": {"equationNumbers": {"autoNumber": "AMS"}},
+        # The package ships MathJax's STIX-Web fonts (not its TeX ones): use them, never a
+        # locally installed font or image fonts, so every machine renders the same.
+        "HTML-CSS": {
+            "availableFonts": [],
+            "preferredFont": None,
+            "webFont": "STIX-Web",
+            "imageFont": None,
+            "linebreaks": {"automatic": True},
+        },
+        "messageStyle": "none",
+        "showMathMenu": False,
+    }
+    src = get_relative_url(f"{MATHJAX_DIR}/MathJax.js", page_url)
+    return (
+        f'<script type="text/x-mathjax-config">MathJax.Hub.Config({json.dumps(config)});</script>\n'
+        f'<script src="{src}?config={MATHJAX_CONFIG}"></script>\n'
+    )
+
+
 def on_config(config):
-    katex = os.environ.get("PCJAX_KATEX_URL", KATEX).rstrip("/")
-    config["extra_css"].append(f"{katex}/katex.min.css")
-    for script in (f"{katex}/katex.min.js", f"{katex}/contrib/auto-render.min.js"):
-        config["extra_javascript"].append(script)
-    config["extra_javascript"].append("javascripts/katex.js")
-    mathjax = os.environ.get("PCJAX_MATHJAX_URL")
-    if mathjax:
-        config["plugins"]["mkdocs-jupyter"].config["custom_mathjax_url"] = mathjax
+    mathjax_source()  # fail early, with the install command, if MathJax is missing
     return config
+
+
+def on_post_page(output, page, config):
+    notebook = page.file.src_uri.endswith(".ipynb")
+    output = NOTEBOOK_MATHJAX.sub("", output)
+    return output.replace("</head>", mathjax_head(page.url, notebook) + "</head>", 1)
+
+
+def on_post_build(config):
+    target = Path(config.site_dir) / MATHJAX_DIR
+    shutil.copytree(mathjax_source(), target, dirs_exist_ok=True)
 
 
 @event_priority(100)  # before mkdocs-jupyter's, which turns the notebooks into pages

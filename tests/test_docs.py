@@ -87,8 +87,8 @@ def test_api_reference_has_an_entry_for_every_public_name(site):
 
 def test_api_pages_carry_maths_and_source(site):
     html = page(site, "api/natural-gradient")
-    assert html.count('class="arithmatex"') >= 10  # typeset by KaTeX in the browser
-    assert "\\otimes" in html and "katex" in html and "auto-render" in html
+    assert html.count('class="arithmatex"') >= 10  # typeset by MathJax in the browser
+    assert "\\otimes" in html and "assets/mathjax/MathJax.js" in html
     assert "Source code in" in html  # mkdocstrings' show_source
 
 
@@ -151,3 +151,58 @@ def test_readme_links_to_the_site_pages():
     for link in links:
         assert (ROOT / link).is_file(), f"README links to a missing page: {link}"
     assert "mkdocs serve" in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline: every page typesets its maths from the site itself and fetches nothing from outside.
+
+EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)  # http://, https://, //
+RESOURCE = re.compile(  # what a browser fetches by itself: scripts, stylesheets, fonts, images
+    r"<(?:script|img|iframe|source|audio|video)\b[^>]*?\bsrc=[\"']([^\"']*)[\"']"
+    r"|<link\b[^>]*?\bhref=[\"']([^\"']*)[\"']",
+    re.IGNORECASE,
+)
+CSS_URL = re.compile(r"(?:url\(\s*[\"']?|@import\s+[\"'])([^\"')]+)", re.IGNORECASE)
+LOADER = re.compile(r'<script src="([^"?]*MathJax\.js)\?config=[^"]+"></script>')
+
+
+def test_no_page_requests_anything_from_outside_the_site(site):
+    """No script, stylesheet, font, icon or image of any page (or of the site's CSS) comes from
+    another host: the site works offline, e.g. on a firewalled cluster."""
+    external = []
+    for html in sorted(site.rglob("*.html")):
+        for match in RESOURCE.finditer(html.read_text()):
+            url = match.group(1) or match.group(2)
+            if EXTERNAL.match(url) or url == "":  # an empty src fetches the page itself
+                external.append(f"{html.relative_to(site)}: {url!r}")
+    for css in sorted(site.rglob("*.css")):
+        for url in CSS_URL.findall(css.read_text(errors="replace")):
+            if EXTERNAL.match(url.strip()):
+                external.append(f"{css.relative_to(site)}: {url!r}")
+    assert not external, "pages fetch from outside the site:\n" + "\n".join(external[:20])
+
+
+def test_every_page_loads_mathjax_from_the_site(site):
+    """Every page (notebooks included) loads the site's own MathJax once, by a relative URL
+    that resolves to the copied file; mkdocs-jupyter's loader is gone from the notebooks."""
+    pages = sorted(site.rglob("index.html"))
+    assert len(pages) >= 30
+    for html in pages:
+        text = html.read_text()
+        loaders = LOADER.findall(text)
+        assert len(loaders) == 1, f"{html.relative_to(site)}: {len(loaders)} MathJax loaders"
+        assert (html.parent / loaders[0]).resolve().is_file(), f"{html}: {loaders[0]} missing"
+        assert "Load mathjax" not in text  # mkdocs-jupyter's own block (CDN or empty src)
+    for font in ("STIXMathJax_Main-Regular.woff", "STIXMathJax_Normal-Italic.woff"):
+        assert list((site / "assets" / "mathjax").rglob(font)), f"MathJax font {font} missing"
+
+
+def test_maths_is_left_for_mathjax_with_the_delimiters_it_is_configured_for(site):
+    """Site pages hold arithmatex's \\( \\) / \\[ \\] and are configured for them; notebook pages
+    hold Jupyter's $ $ maths and are configured for $ too."""
+    concepts = page(site, "concepts")
+    assert concepts.count('class="arithmatex"') >= 10
+    assert '"inlineMath": [["\\\\(", "\\\\)"]]' in concepts  # no $: prose may hold dollars
+    notebook = page(site, "notebooks/natural_gradients")
+    assert '"inlineMath": [["$", "$"], ["\\\\(", "\\\\)"]]' in notebook
+    assert re.search(r"\$[^$<>]*\\[a-zA-Z]+[^$<>]*\$", notebook), "no $ maths on the notebook page"
