@@ -85,16 +85,26 @@ def check_partition(predicted: Mapping[str, Array], values: Mapping[str, Array])
 
 
 def resolve_precision(precision: Precision | None, params: Any) -> Mapping[str, Any]:
-    """The precision dict, calling `precision(params)` when it is a function."""
+    """The precision dict, calling `precision(params)` when it is a function.
+
+    A plain array that the function returns is a fixed precision, like one passed directly: it
+    gets no gradient (`jax.lax.stop_gradient`), since its energy term has no log-det and a
+    gradient step would drive it to zero. Only precision modules are learned."""
     if precision is None:
         return {}
-    if callable(precision) and not isinstance(precision, Mapping):
+    function = callable(precision) and not isinstance(precision, Mapping)
+    if function:
         precision = precision(params)
     if not isinstance(precision, Mapping):
         raise TypeError(
             "pcjax: `precision` must map node names to precisions (or be a function of the "
             f"parameters returning such a dict), got {type(precision).__name__}."
         )
+    if function:
+        precision = {
+            k: v if isinstance(v, PrecisionModule) else jax.lax.stop_gradient(v)
+            for k, v in precision.items()
+        }
     return precision
 
 
@@ -330,7 +340,10 @@ def energy(
     - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
       positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
       `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
-      stored in (and learned with) the parameters.
+      stored in (and learned with) the parameters. Only the modules it returns are learned: a
+      plain array it returns is fixed (it gets a zero gradient, having no log-det term; an
+      optimizer with weight decay would still shrink it, so keep such arrays out of the
+      parameters or wrap them in a module).
 
     **Returns:** the scalar energy, summed over nodes and batch.
     """

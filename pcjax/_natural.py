@@ -353,12 +353,31 @@ def _eig(factors: KroneckerFactors) -> tuple[Array, Array, Array, Array]:
     return ev_rows, vec_rows, ev_cols, vec_cols
 
 
+def _clamped(eigenvalues: Array) -> Array:
+    r"""Eigenvalues of a positive semidefinite factor with those below its numerical rank
+    cutoff set to 0: $\lambda_k < n\, \epsilon \max_j \lambda_j$ ($n$ the factor's size,
+    $\epsilon$ its dtype's machine epsilon, NumPy's `matrix_rank` tolerance).
+
+    `eigh` of a rank-deficient $\mathbb{E}[h h^\top]$ (a batch smaller than the layer's inputs)
+    returns the zero eigenvalues as noise of either sign of that size; a negative product with
+    the other factor's eigenvalue would cancel the damping, and a positive one, times a large
+    precision, would swamp it (float32: relative error 2.3 at $P = 100$ before this, batch 16,
+    512 inputs)."""
+    size = eigenvalues.shape[-1]
+    largest = jnp.max(jnp.abs(eigenvalues), axis=-1, keepdims=True)
+    cutoff = size * jnp.finfo(eigenvalues.dtype).eps * largest
+    return jnp.where(eigenvalues > cutoff, eigenvalues, 0)
+
+
 def _kronecker_solve(grad: Array, inverse, damping: Array) -> Array:
     r"""$(R \otimes C + \lambda I)^{-1} g$ through the eigenbases of the row and column factors
     (per slice of a stacked parameter)."""
     ev_rows, vec_rows, ev_cols, vec_cols = inverse
     matrix = grad.reshape(*vec_rows.shape[:-1], vec_cols.shape[-1])
     rotated = jnp.swapaxes(vec_rows, -1, -2) @ matrix @ vec_cols
+    # Both factors are positive semidefinite: their numerically zero eigenvalues are set to 0
+    # before the product is formed (see `_clamped`).
+    ev_rows, ev_cols = _clamped(ev_rows), _clamped(ev_cols)
     rotated = rotated / (ev_rows[..., :, None] * ev_cols[..., None, :] + damping)
     return (vec_rows @ rotated @ jnp.swapaxes(vec_cols, -1, -2)).reshape(grad.shape)
 
