@@ -25,7 +25,7 @@ import numpy as np
 from ._harvest import GRAPH_PRECISION
 from ._precision import Precision as PrecisionModule
 from ._precision import _concrete, logdet_term, weigh
-from ._tagging import Nodes, node_energies, predicted_with_precisions, run_tagged
+from ._tagging import Nodes, node_energies, predicted_with_precisions
 
 Array = jax.Array
 #: `precision` arguments: a dict of node name -> precision, or a function of the parameters
@@ -352,20 +352,3 @@ def energy(
     model = as_model(fn, "pcjax.energy")
     values, checked = checked_values(model.fn, params, states, x, observed, precision)
     return model.energy(params, values, x, checked)
-
-
-def prediction_errors(
-    fn: Callable[..., Any],
-    params: Any,
-    states: Mapping[str, Array],
-    x: Any,
-    observed: Mapping[str, Array] | None = None,
-) -> Nodes:
-    """Every node's prediction error $e_i = x_i - \\mu_i$ (same arguments as `energy`).
-
-    Weigh them by the node's precision for the precision-weighted errors $P_i e_i$.
-    """
-    values = merge_nodes(states, observed)
-    _, predicted = run_tagged(fn, params, x, values)
-    check_partition(predicted, values)
-    return {name: values[name] - mu for name, mu in predicted.items()}

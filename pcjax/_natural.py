@@ -39,6 +39,7 @@ import optax
 
 from ._dense import dense_inputs, dense_sites
 from ._energy import CustomEnergy, Precision, batch_size, checked_values, in_graph_nodes
+from ._models import Bidirectional, EnergyModel, as_model
 from ._precision import dense_matrix, weigh
 from ._sharding import _device_mean
 from ._tagging import predictions, scan_depths
@@ -101,7 +102,7 @@ class FisherOperator(eqx.Module):
 
 
 def fisher_statistics(
-    fn: Callable[..., Any],
+    fn: Callable[..., Any] | EnergyModel,
     params: Any,
     states: Mapping[str, Array],
     x: Any,
@@ -120,10 +121,26 @@ def fisher_statistics(
     Pass the result to the optimizer as `optimizer.update(grads, state, params, fisher=...)`
     when you call it yourself; inside `pcjax.make_train_step`, `pcjax.natural_gradient`
     computes them from the step's `context` instead.
+
+    `fn` may be an energy transformation: the statistics are those of the underlying
+    function's predictions, taken where the transformation linearises them (the given states
+    for `pcjax.preconditioned` and `pcjax.error_parameterised`, the feedforward pass for
+    `pcjax.fixed_predictions`, as in a training step's `pcjax.Context`).
+
+    **Raises:** `ValueError` for an unknown `mode`, nodes with a custom energy or an in-graph
+    precision, and `pcjax.bidirectional` networks (their top-down network would be left out).
     """
     if mode not in MODES:
         raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
+    model = as_model(fn, "pcjax.fisher_statistics")
+    if isinstance(model.base, Bidirectional):
+        raise ValueError(
+            "pcjax.fisher_statistics: the Fisher statistics of a bidirectional (bPC) network "
+            "are not implemented: they would leave out its top-down network."
+        )
+    fn = model.fn
     values, checked = checked_values(fn, params, dict(states), x, observed, precision)
+    values = {**model.linearisation_point(params, values, x), **(observed or {})}
     in_graph = in_graph_nodes(checked)
     if in_graph:
         raise ValueError(
@@ -151,7 +168,7 @@ def fisher_statistics(
     return _kronecker_statistics(fn, params, values, x, checked, diagonal=mode == "diagonal")
 
 
-def fisher_mask(fn: Callable[..., Any], params: Any, x: Any) -> Any:
+def fisher_mask(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> Any:
     """Which parameters the `"diagonal"` and `"kronecker"` modes precondition.
 
     **Returns:** a pytree with the structure of the floating-point leaves of `params`
@@ -159,8 +176,10 @@ def fisher_mask(fn: Callable[..., Any], params: Any, x: Any) -> Any:
     layers whose outputs are tagged as nodes (`pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`,
     also under `jax.vmap` and in `lax.scan` bodies), False elsewhere. Pass it as
     `natural_gradient(..., mask=...)` to keep running factors for those leaves only. Found from
-    a trace of `fn(params, x)`: no computation is run.
+    a trace of `fn(params, x)`: no computation is run. For an energy transformation, the dense
+    layers of the underlying function (of `up` for `pcjax.bidirectional(up, down)`).
     """
+    fn = as_model(fn, "pcjax.fisher_mask").fn
     leaves, treedef = jax.tree.flatten(eqx.filter(params, eqx.is_inexact_array))
     mask = [False] * len(leaves)
     for site in dense_sites(fn, params, x).values():
