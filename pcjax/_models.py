@@ -166,7 +166,7 @@ class FixedPredictions(EnergyModel):
         r"""$e_i = x_i - \mu_i(\hat x)$, against the predictions of the feedforward pass $\hat x$
         (which are $\hat x$ itself)."""
         node_energies(self.fn, params, values, x)  # validates names and shapes
-        mu = predictions(self.fn, params, feedforward_states(self.fn, params, x), x)
+        mu = feedforward_states(self.fn, params, x)  # mu(x_hat) = x_hat
         check_partition(mu, values)
         return {name: values[name] - m for name, m in mu.items()}
 

@@ -20,11 +20,13 @@ def test_plain_array_precision_in_params_stays_fixed():
     params = {"w": jnp.ones((3, 2)), "prec": jnp.array([2.0, 1.0])}
     x = jnp.arange(12.0).reshape(4, 3) / 10
     observed = {"y": jnp.ones((4, 2)) * 3.0}
-    step = pc.make_train_step(
-        fn,
-        pc.Equilibrium(pc.GradientDescent(2)),
-        optax.sgd(0.05),
-        precision=lambda p: {"y": p["prec"]},
+    step = jax.jit(
+        pc.make_train_step(
+            fn,
+            pc.Equilibrium(pc.GradientDescent(2)),
+            optax.sgd(0.05),
+            precision=lambda p: {"y": p["prec"]},
+        )
     )
     opt_state = optax.sgd(0.05).init(params)
     for _ in range(40):
