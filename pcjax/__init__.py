@@ -6,7 +6,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 
 from . import nn
 from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
-from ._energy import cross_entropy, prediction_errors
+from ._energy import cross_entropy
 from ._inference import infer
 from ._langevin import LangevinState, langevin
 from ._learning import param_grads
@@ -16,7 +16,9 @@ from ._models import (
     energy,
     error_parameterised,
     fixed_predictions,
+    forward_init,
     preconditioned,
+    prediction_errors,
 )
 from ._natural import (
     FisherOperator,
@@ -48,7 +50,7 @@ from ._rules import (
 )
 from ._sharding import cross_device_mean, data_mesh, replicate, shard_batch
 from ._solvers import ODE, ConjugateGradient, GradientDescent, InferInfo
-from ._tagging import dense, forward_init, mixed_precision, node
+from ._tagging import dense, mixed_precision, node
 
 __all__ = [
     "ODE",

@@ -6,7 +6,7 @@ Layout (integers little-endian):
     8 bytes                   n, the length of the header
     4 bytes                   the CRC-32 of the header
     n bytes                   the header, UTF-8 JSON: {"metadata": {...}, "leaves": [...],
-                              "arrays": {"bytes": m, "crc32": c}}
+                              "containers": [...], "arrays": {"bytes": m, "crc32": c}}
     m bytes                   the stored leaves in equinox's serialisation format (one .npy
                               record per array or scalar leaf), with CRC-32 c
 
@@ -14,9 +14,13 @@ Layout (integers little-endian):
 the leaf's `jax.tree_util.keystr` path, one letter per path entry for the kind of container
 (`d` dict key, `s` sequence index, `a` attribute, `f` flattened index, `?` other), and `kind`
 `"array"` (with shape and dtype), `"scalar"` (a Python or NumPy scalar, with its type name) or
-`"static"` (not stored; it comes from `like`). Loading compares these records with those of `like`
-exactly, so renamed keys, other containers and other shapes or dtypes are refused before any array
-is read; the sizes and checksums catch truncated, extended and corrupted files.
+`"static"` (not stored; it comes from `like`). `containers` lists, for every leaf, the class names
+of the containers on its path from the root (e.g. `["dict", "Linear"]`), so that a tuple is not
+taken for a list, nor an `eqx.nn.Linear` for another module with the same fields (files written
+before this record was added lack it and are checked by the path records alone). Loading compares
+these records with those of `like` exactly, so renamed keys, other containers and other shapes or
+dtypes are refused before any array is read; the sizes and checksums catch truncated, extended and
+corrupted files. The loaded tree has the structure of `like`.
 
 Writes are atomic: the data go to a temporary file in the same directory, are flushed to disk,
 and only then replace the target, so a crash leaves either the old checkpoint or the new one.
@@ -41,6 +45,7 @@ MAGIC = b"PCJAX-CHECKPOINT-2\n"
 _FAMILY = b"PCJAX-CHECKPOINT-"
 _PREFIX = len(MAGIC) + 12  # magic line, header length, header CRC-32
 _HEADER_KEYS = ("metadata", "leaves", "arrays")
+_OPTIONAL_KEYS = ("containers",)
 _KEY_LETTERS = {jtu.DictKey: "d", jtu.SequenceKey: "s", jtu.GetAttrKey: "a"}
 _KEY_LETTERS[jtu.FlattenedIndexKey] = "f"
 _KEY_WORDS = {"d": "dict key", "s": "sequence index", "a": "attribute", "f": "flattened index"}
@@ -66,6 +71,42 @@ def _record(key_path: tuple[Any, ...], leaf: Any) -> Record:
 
 def _records(tree: Any) -> list[Record]:
     return [_record(p, leaf) for p, leaf in jtu.tree_flatten_with_path(tree)[0]]
+
+
+def _containers(tree: Any) -> list[list[str]]:
+    """For every leaf of `tree` (in flattening order), the class names of the containers on its
+    path from the root."""
+    chains: list[list[str]] = []
+
+    def walk(treedef: Any, chain: list[str]) -> None:
+        data = treedef.node_data()
+        if data is None:  # a leaf
+            chains.append(chain)
+            return
+        inner = [*chain, data[0].__qualname__]
+        for child in treedef.children():
+            walk(child, inner)
+
+    walk(jax.tree.structure(tree), [])
+    return chains
+
+
+def _container_difference(
+    stored: list[list[str]], expected: list[list[str]], paths: list[str]
+) -> str | None:
+    """The first leaf whose containers differ between the checkpoint and `like`, in words."""
+    for path, s, e in zip(paths, stored, expected):
+        if s == e:
+            continue
+        depth = next((i for i, (a, b) in enumerate(zip(s, e)) if a != b), min(len(s), len(e)))
+        saved = s[depth] if depth < len(s) else "nothing"
+        wanted = e[depth] if depth < len(e) else "nothing"
+        where = "the root" if depth == 0 else f"depth {depth} of its path"
+        return (
+            f"leaf {path} sits in a {saved} in the checkpoint but in a {wanted} in `like` (at "
+            f"{where}); build `like` with the saved classes ({' > '.join(s)})"
+        )
+    return None
 
 
 def _unsavable(leaf: Any) -> str | None:
@@ -203,8 +244,8 @@ def _header_problem(header: Any) -> str | None:
     """What is wrong with a decoded header, or None."""
     if not isinstance(header, dict):
         return f"it is not a JSON object but a {type(header).__name__}"
-    if sorted(header) != sorted(_HEADER_KEYS):
-        return f"its keys are {sorted(header)}, expected {sorted(_HEADER_KEYS)}"
+    if not set(_HEADER_KEYS) <= set(header) <= {*_HEADER_KEYS, *_OPTIONAL_KEYS}:
+        return f"its keys are {sorted(header)}, expected {sorted(_HEADER_KEYS)} (and `containers`)"
     if not isinstance(header["metadata"], dict):
         return "its `metadata` is not a JSON object"
     if not isinstance(header["leaves"], list):
@@ -212,6 +253,13 @@ def _header_problem(header: Any) -> str | None:
     for i, record in enumerate(header["leaves"]):
         if not _valid_record(record):
             return f"leaves[{i}] = {record!r:.80} is not a [path, keys, kind, shape, dtype] record"
+    containers = header.get("containers", [])
+    if "containers" in header and not (
+        isinstance(containers, list)
+        and len(containers) == len(header["leaves"])
+        and all(isinstance(c, list) and all(isinstance(n, str) for n in c) for c in containers)
+    ):
+        return "its `containers` is not a list of lists of class names, one per leaf"
     arrays = header["arrays"]
     if not (
         isinstance(arrays, dict)
@@ -318,7 +366,7 @@ def save_checkpoint(
     except Exception as error:
         raise ValueError(f"{where}: `tree` cannot be serialised ({error}).") from error
     arrays = buffer.getbuffer()
-    header = {"metadata": metadata, "leaves": _records(tree)}
+    header = {"metadata": metadata, "leaves": _records(tree), "containers": _containers(tree)}
     header["arrays"] = {"bytes": arrays.nbytes, "crc32": zlib.crc32(arrays)}
     raw = json.dumps(header).encode()
     try:
@@ -359,8 +407,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
 
     `like` is a pytree of the same structure (e.g. freshly initialised params and optimizer
     state, or their `eqx.filter_eval_shape`): it supplies the structure and the non-array
-    leaves. Every leaf's path, containers, kind, shape and dtype must equal the saved ones.
-    Returns `(tree, metadata)`.
+    leaves. Every leaf's path, containers (their kinds and classes: a saved tuple does not load
+    into a list, nor an `eqx.nn.Linear` into another module class), kind, shape and dtype must
+    equal the saved ones. Returns `(tree, metadata)`, the tree with the structure of `like`.
 
     **Raises:** `FileNotFoundError`; `ValueError` if the file is not an intact checkpoint
     (empty, truncated, extended, corrupted, malformed header), or if it does not match `like`
@@ -372,6 +421,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
         header = _read_header(f, path)
         stored, expected = header["leaves"], _records(like)
         difference = _difference(stored, expected)
+        if difference is None and "containers" in header:
+            paths = [record[0] for record in expected]
+            difference = _container_difference(header["containers"], _containers(like), paths)
         if difference is not None:
             raise ValueError(
                 f"{where} does not match `like`: {difference} (leaves: {len(stored)} in the "

@@ -26,7 +26,7 @@ from ._checks import concrete_value
 from ._harvest import GRAPH_PRECISION
 from ._precision import Precision as PrecisionModule
 from ._precision import logdet_term, weigh
-from ._tagging import Nodes, node_energies, predicted_with_precisions, run_tagged
+from ._tagging import Nodes, node_energies, predicted_with_precisions
 
 Array = jax.Array
 #: `precision` arguments: a dict of node name -> precision, or a function of the parameters
@@ -86,16 +86,26 @@ def check_partition(predicted: Mapping[str, Array], values: Mapping[str, Array])
 
 
 def resolve_precision(precision: Precision | None, params: Any) -> Mapping[str, Any]:
-    """The precision dict, calling `precision(params)` when it is a function."""
+    """The precision dict, calling `precision(params)` when it is a function.
+
+    A plain array that the function returns is a fixed precision, like one passed directly: it
+    gets no gradient (`jax.lax.stop_gradient`), since its energy term has no log-det and a
+    gradient step would drive it to zero. Only precision modules are learned."""
     if precision is None:
         return {}
-    if callable(precision) and not isinstance(precision, Mapping):
+    function = callable(precision) and not isinstance(precision, Mapping)
+    if function:
         precision = precision(params)
     if not isinstance(precision, Mapping):
         raise TypeError(
             "pcjax: `precision` must map node names to precisions (or be a function of the "
             f"parameters returning such a dict), got {type(precision).__name__}."
         )
+    if function:
+        precision = {
+            k: v if isinstance(v, PrecisionModule) else jax.lax.stop_gradient(v)
+            for k, v in precision.items()
+        }
     return precision
 
 
@@ -299,19 +309,3 @@ def node_energy(
     predicted, in_graph = predicted_with_precisions(fn, params, values, x)
     return total_energy(values, predicted, precision, in_graph)
 
-
-def prediction_errors(
-    fn: Callable[..., Any],
-    params: Any,
-    states: Mapping[str, Array],
-    x: Any,
-    observed: Mapping[str, Array] | None = None,
-) -> Nodes:
-    """Every node's prediction error $e_i = x_i - \\mu_i$ (same arguments as `energy`).
-
-    Weigh them by the node's precision for the precision-weighted errors $P_i e_i$.
-    """
-    values = merge_nodes(states, observed)
-    _, predicted = run_tagged(fn, params, x, values)
-    check_partition(predicted, values)
-    return {name: values[name] - mu for name, mu in predicted.items()}

@@ -7,8 +7,8 @@ Everywhere pcjax takes `fn` it also takes a transformation of it:
   Jacobians are frozen at the feedforward pass $\hat x$ of `fn(params, x)`: inference follows
   $P_i e_i - \sum_c J_c(\hat x)^\top P_c e_c$ with $e = x - \mu(\hat x)$, and learning takes
   $\partial F / \partial \theta = -\sum_i (\partial \mu_i(\hat x) / \partial \theta)^\top P_i
-  e_i$. At equilibrium its errors are exactly the backprop gradients of the output energy, on any
-  graph. The field is not the gradient of a scalar function.
+  e_i$. At equilibrium its precision-weighted errors $P_i e_i$ are exactly the backprop gradients
+  of the output energy, on any graph. The field is not the gradient of a scalar function.
 - `pcjax.error_parameterised(fn)`: error-parameterised PC (ePC; Goemaere et al. 2025). Inference
   runs over the prediction errors $\varepsilon_i$ instead of the states: the states are the
   forward pass in which every free node adds its error to its prediction,
@@ -42,20 +42,23 @@ import jax.numpy as jnp
 from ._energy import (
     CustomEnergy,
     Precision,
+    check_partition,
     checked_values,
     current_spec,
     in_graph_nodes,
+    merge_nodes,
     node_energy,
     total_energy,
 )
 from ._precision import solve
 from ._tagging import (
     Nodes,
-    forward_init,
+    node_energies,
     offset_predictions,
     predicted_with_precisions,
     predictions,
 )
+from ._tagging import forward_init as feedforward_states
 
 Array = jax.Array
 StateField = Callable[[Nodes], tuple[Array, Nodes]]
@@ -88,6 +91,13 @@ class EnergyModel(eqx.Module):
     def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
         """The energy at the given node values."""
         return node_energy(self.fn, params, values, x, spec)
+
+    def errors(self, params: Any, values: Nodes, x: Any) -> Nodes:
+        r"""The prediction errors $e_i = x_i - \mu_i$ that `energy` weighs, at the given node
+        values (free and observed); names and shapes are validated."""
+        predicted = predictions(self.fn, params, values, x)
+        check_partition(predicted, values)
+        return {name: values[name] - mu for name, mu in predicted.items()}
 
     def gradients(
         self,
@@ -131,7 +141,7 @@ class FixedPredictions(EnergyModel):
     field_is_gradient: ClassVar[bool] = False
 
     def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
-        feedforward = forward_init(self.fn, params, x)
+        feedforward = feedforward_states(self.fn, params, x)
         frozen, vjp = jax.vjp(
             lambda v: predicted_with_precisions(self.fn, params, v, x), feedforward
         )
@@ -149,13 +159,21 @@ class FixedPredictions(EnergyModel):
 
     def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
         mu, in_graph = predicted_with_precisions(
-            self.fn, params, forward_init(self.fn, params, x), x
+            self.fn, params, feedforward_states(self.fn, params, x), x
         )
         return total_energy(values, mu, spec, in_graph)
 
+    def errors(self, params: Any, values: Nodes, x: Any) -> Nodes:
+        r"""$e_i = x_i - \mu_i(\hat x)$, against the predictions of the feedforward pass $\hat x$
+        (which are $\hat x$ itself)."""
+        node_energies(self.fn, params, values, x)  # validates names and shapes
+        mu = feedforward_states(self.fn, params, x)  # mu(x_hat) = x_hat
+        check_partition(mu, values)
+        return {name: values[name] - m for name, m in mu.items()}
+
     def gradients(self, params, states, observed, x, spec, learnable):
         diff, static = eqx.partition(params, eqx.is_inexact_array)
-        feedforward = forward_init(self.fn, params, x)
+        feedforward = feedforward_states(self.fn, params, x)
         # One linearisation at the feedforward pass serves the parameters and the states.
         frozen, vjp = jax.vjp(
             lambda d, v: predicted_with_precisions(self.fn, eqx.combine(d, static), v, x),
@@ -175,7 +193,7 @@ class FixedPredictions(EnergyModel):
         return value, param_grads, {name: own[name] + back[name] for name in states}
 
     def linearisation_point(self, params: Any, values: Nodes, x: Any) -> Nodes:
-        feedforward = forward_init(self.fn, params, x)
+        feedforward = feedforward_states(self.fn, params, x)
         return {**feedforward, **{k: v for k, v in values.items() if k not in feedforward}}
 
 
@@ -207,6 +225,9 @@ class Preconditioned(EnergyModel):
 
     def energy(self, params, values, x, spec):
         return self.model.energy(params, values, x, spec)
+
+    def errors(self, params, values, x):
+        return self.model.errors(params, values, x)
 
     def gradients(self, params, states, observed, x, spec, learnable):
         value, param_grads, state_grads = self.model.gradients(
@@ -419,7 +440,10 @@ def energy(
     - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
       positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
       `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
-      stored in (and learned with) the parameters.
+      stored in (and learned with) the parameters. Only the modules it returns are learned: a
+      plain array it returns is fixed (it gets a zero gradient, having no log-det term; an
+      optimizer with weight decay would still shrink it, so keep such arrays out of the
+      parameters or wrap them in a module).
 
     **Returns:** the scalar energy, summed over nodes and batch.
     """
@@ -433,9 +457,29 @@ def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:
 
     Inference and learning use the predictions $\mu(\hat x)$ and Jacobians of the feedforward
     pass $\hat x$: the state field is $P_i e_i - \sum_c J_c(\hat x)^\top P_c e_c$ with
-    $e = x - \mu(\hat x)$. With the states initialised by the feedforward pass, gradient descent
-    with step size 1 and at least as many steps as the graph is deep, the errors equal the
-    backprop gradients of the output energy exactly (Millidge et al. 2022; Rosenbaum 2022).
+    $e = x - \mu(\hat x)$.
+
+    **Equilibrium (any precisions):** the field vanishes where
+    $P_i e_i = \sum_c J_c(\hat x)^\top P_c e_c$ for every free node, the backprop recursion:
+    the precision-weighted errors $P_i e_i$ equal the backprop gradients
+    $-\partial L / \partial x_i$ of the observed nodes' energy $L$ at $\hat x$ exactly, on any
+    graph (Millidge et al. 2022; Rosenbaum 2022). With unit hidden precisions these are the
+    errors themselves.
+
+    **Reaching it in one pass:** a gradient step of size $\eta$ maps a free node's error to
+    $(I - \eta P_i)\, e_i + \eta \sum_c J_c^\top P_c e_c$ (the $e_c$ and $J_c$ of its
+    children, frozen $\mu$). This lands on the equilibrium value whatever $e_i$ was only when
+    $\eta P_i = I$: then, from the feedforward pass, as many steps as the graph is deep give
+    the backprop gradients exactly; that is step size 1 with unit hidden precisions, or
+    $1 / p$ when every free node has the same scalar precision $p$. Otherwise the old error
+    is carried on, multiplied by $I - \eta P_i$ each step: it converges slowly
+    ($0 < \eta P_i < 1$), oscillates ($\eta P_i = 2$: with step size 1 and $P_h = 2$ the
+    errors after the depth's steps are off) or diverges ($\eta P_i > 2$). `pcjax.preconditioned(
+    pcjax.fixed_predictions(fn))` with step size 1 restores the one-pass property for any
+    precisions (scalar, per-feature or full, not computed in the graph): its step sets
+    $e_i \leftarrow P_i^{-1} \sum_c J_c^\top P_c e_c$ outright, so
+    `pcjax.GradientDescent(depth, step_size=1.0)` gives the backprop gradients exactly.
+
     Pass the result wherever a tagged function goes: `pcjax.infer`, `pcjax.energy`,
     `pcjax.param_grads`, `pcjax.make_train_step`.
     """
@@ -525,3 +569,43 @@ class Context(NamedTuple):
         )
         free = {k: v for k, v in values.items() if k not in self.observed}
         return free, self.observed
+
+
+def forward_init(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> Nodes:
+    """Feedforward values of every tagged node of `fn(params, x)`.
+
+    These are the usual initial states for inference: with them, every latent prediction error
+    is zero and only clamped (observed) nodes carry error. Nodes tagged under `jax.vmap` or in
+    a `lax.scan` body come batched / stacked (see `pcjax.node`). `fn` may be an energy
+    transformation (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
+    `pcjax.error_parameterised(fn)`, `pcjax.bidirectional(up, down)`): the feedforward pass is
+    that of the underlying function (`up` for bPC).
+
+    **Returns:** a dict mapping node names to arrays.
+    """
+    return feedforward_states(as_model(fn, "pcjax.forward_init").fn, params, x)
+
+
+def prediction_errors(
+    fn: Callable[..., Any] | EnergyModel,
+    params: Any,
+    states: Mapping[str, Array],
+    x: Any,
+    observed: Mapping[str, Array] | None = None,
+) -> Nodes:
+    r"""Every node's prediction error $e_i = x_i - \mu_i$ (same arguments as `pcjax.energy`):
+    the errors that the energy of `fn` weighs by the precisions.
+
+    For an energy transformation, those of the transformed energy: with
+    `pcjax.fixed_predictions(fn)` the errors against the frozen feedforward predictions,
+    $x_i - \mu_i(\hat x)$; with `pcjax.error_parameterised` and `pcjax.preconditioned`, which
+    change the inference path but not the energy, those of the energy they transform; with
+    `pcjax.bidirectional(up, down)` the bottom-up errors of `up` (its top-down errors are
+    $x_i - \nu_i$ with $\nu$ = `down(params, values)`).
+
+    Weigh them by the node's precision for the precision-weighted errors $P_i e_i$.
+
+    **Raises:** `ValueError` for unknown or missing nodes and shape mismatches.
+    """
+    model = as_model(fn, "pcjax.prediction_errors")
+    return model.errors(params, merge_nodes(states, observed), x)

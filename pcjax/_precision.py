@@ -16,7 +16,9 @@ Two kinds of precision values are accepted wherever pcjax takes `precision`:
 - a precision module, `ScalarPrecision`, `DiagonalPrecision` or `FullPrecision`: positive
   (definite) by construction through a log / Cholesky parameterisation, with the log-det term.
   Put the modules inside your parameters and pass `precision=lambda params: params[...]` to learn
-  them with the parameters; pass them directly to keep them fixed.
+  them with the parameters; pass them directly to keep them fixed. A plain array returned by
+  such a function stays fixed (pcjax stops its gradient): without a log-det term, a gradient
+  step would drive it to zero.
 
 Dtypes, as in equinox: a module stores its parameters in `dtype=`, by default the dtype of the
 given values if they are a floating-point array, else JAX's default float (float32, or float64
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -112,9 +115,12 @@ class Precision(eqx.Module):
 class DiagonalPrecision(Precision):
     """A precision per feature: $P = \\text{diag}(p)$, $p = \\text{floor} + e^{\\theta}$.
 
-    `values` may have any shape that broadcasts to the node's trailing axes, e.g. `(features,)`
-    for a `(batch, features)` node or `(28, 28)` for a `(batch, 28, 28)` image node. `dtype`:
-    of the parameters; None takes that of floating-point `values`, else JAX's default float.
+    `values` may have any shape that broadcasts to the node's trailing axes without enlarging
+    them, e.g. `(features,)` for a `(batch, features)` node, `(28, 28)` for a `(batch, 28, 28)`
+    image node, or `(1,)` (one value shared by every feature). Each value is one precision
+    block: a value shared by $k$ entries of every error vector counts $k$ times in the log-det
+    term, and `moments` averages $e^2$ over the entries it covers. `dtype`: of the parameters;
+    None takes that of floating-point `values`, else JAX's default float.
     """
 
     log_values: Array
@@ -141,8 +147,15 @@ class DiagonalPrecision(Precision):
         return math.prod(self.log_values.shape)
 
     def moments(self, errors):
-        lead = tuple(range(errors.ndim - self.log_values.ndim))
-        return jnp.mean(errors**2, axis=lead)
+        nd = self.log_values.ndim
+        lead = errors.ndim - nd
+        shared = tuple(  # trailing axes along which one value covers several entries
+            lead + i
+            for i, (v, e) in enumerate(zip(self.log_values.shape, errors.shape[lead:]))
+            if v == 1 and e != 1
+        )
+        squared = jnp.mean(errors**2, axis=shared, keepdims=True) if shared else errors**2
+        return jnp.mean(squared, axis=tuple(range(lead)))
 
     def from_moments(self, moments, damping=0.0):
         values = 1.0 / (moments + damping) + self.floor
@@ -152,9 +165,13 @@ class DiagonalPrecision(Precision):
         return jnp.diag(jnp.broadcast_to(self.values(), (dim,)))
 
     def fits(self, shape):
-        nd = self.log_values.ndim
-        if nd > len(shape) or self.log_values.shape != shape[len(shape) - nd :]:
-            return f"a DiagonalPrecision of shape {self.log_values.shape}"
+        own = self.log_values.shape
+        trailing = tuple(shape[len(shape) - len(own) :]) if own else ()
+        if len(own) > len(shape) or any(v not in (1, n) for v, n in zip(own, trailing)):
+            return (
+                f"a {type(self).__name__} of shape {own} (it must broadcast to the node's "
+                "trailing axes without enlarging them)"
+            )
         return None
 
 
@@ -306,9 +323,39 @@ def dense_matrix(precision, dim: int, dtype) -> Array:
 # ---------------------------------------------------------------- closed-form estimates
 
 
+def _modules(where: str, precision: Any, errors: Any) -> None:
+    """Raise unless `precision` maps node names to precision modules and `errors` is a dict
+    with an entry for each of them."""
+    if not isinstance(precision, Mapping):
+        raise TypeError(
+            f"{where}: `precision` must be a dict mapping node names to precision modules "
+            f"(ScalarPrecision, DiagonalPrecision, FullPrecision), got {type(precision).__name__}."
+        )
+    for key, module in precision.items():
+        if not isinstance(module, Precision):
+            raise TypeError(
+                f"{where}: node {key!r} has a fixed precision ({type(module).__name__}) in "
+                "`precision`, not a precision module; only ScalarPrecision, DiagonalPrecision "
+                "and FullPrecision learn (wrap the values, e.g. pcjax.DiagonalPrecision(values), "
+                "to learn them)."
+            )
+    if not isinstance(errors, Mapping):
+        raise TypeError(
+            f"{where}: `errors` must be a dict mapping node names to prediction errors, got "
+            f"{type(errors).__name__}."
+        )
+    unknown = sorted(set(precision) - set(errors))
+    if unknown:
+        raise ValueError(f"{where}: no errors for node(s) {unknown}.")
+
+
 def error_moments(precision: Mapping[str, Precision], errors: Mapping[str, Array]) -> dict:
     """Mean second moments $\\mathbb{E}[e e^\\top]$ of each node's errors, in the form of its
-    precision module (a scalar, per-feature values or a matrix)."""
+    precision module (a scalar, per-feature values or a matrix).
+
+    **Raises:** `TypeError` if a value of `precision` is not a precision module; `ValueError`
+    if `errors` lacks one of its nodes."""
+    _modules("pcjax.error_moments", precision, errors)
     return {name: p.moments(errors[name]) for name, p in precision.items()}
 
 
@@ -333,15 +380,18 @@ def update_precision_ema(
     - `decay`: $\\beta$ in [0, 1); `damping`: $\\lambda \\ge 0$.
 
     **Returns:** `(precision, ema)`, the new precisions and running moments.
+
+    **Raises:** `TypeError` if a value of `precision` is not a precision module (a plain
+    array is a fixed precision); `ValueError` for `decay`, `damping` out of range or a node
+    without errors.
     """
+    name = "pcjax.update_precision_ema"
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"pcjax.update_precision_ema: `decay` must be in [0, 1), got {decay}.")
     if damping < 0:
         raise ValueError(f"pcjax.update_precision_ema: `damping` must be >= 0, got {damping}.")
-    unknown = sorted(set(precision) - set(errors))
-    if unknown:
-        raise ValueError(f"pcjax.update_precision_ema: no errors for node(s) {unknown}.")
-    moments = error_moments(precision, errors)
+    _modules(name, precision, errors)
+    moments = {k: p.moments(errors[k]) for k, p in precision.items()}
     if ema is None:
         ema = moments
     else:
@@ -360,12 +410,19 @@ def _capped_step(step_size, largest: Array, safeguard: float) -> Array:
     return jnp.where(over, jnp.minimum(step_size, bound), step_size)
 
 
+def _log_smallest_factor(dtype) -> float:
+    r"""$\tfrac12 \log$ of the dtype's smallest normal number: the exponential step shrinks
+    no eigenvalue of $P - fI$ by more than this factor in one step (about $10^{-19}$ in
+    float32), where the exact geodesic would underflow to 0."""
+    return 0.5 * math.log(float(jnp.finfo(dtype).tiny))
+
+
 def _natural_diagonal(module: DiagonalPrecision, moments, step_size, method, safeguard):
     dtype = jnp.result_type(module.log_values, moments)
     log_excess = module.log_values.astype(dtype)  # log(p - floor)
     ratio = jnp.exp(log_excess) * moments.astype(dtype)  # (p - floor) s, per element
     if method == "exponential":
-        log_factor = step_size * (1.0 - ratio)
+        log_factor = jnp.maximum(step_size * (1.0 - ratio), _log_smallest_factor(dtype))
     else:
         log_factor = jnp.log1p(_capped_step(step_size, ratio, safeguard) * (1.0 - ratio))
     new = (log_excess + log_factor).astype(module.log_values.dtype)
@@ -383,7 +440,8 @@ def _natural_full(module: FullPrecision, moments, step_size, method, safeguard):
         # QR of (L B)^T, never forming the product, so that even a step that shrinks P by e^-100
         # keeps an exact, positive-definite factor.
         eigenvalues, vectors = jnp.linalg.eigh(whitened)
-        root = vectors * jnp.exp(0.5 * step_size * (1.0 - eigenvalues))
+        exponent = jnp.maximum(step_size * (1.0 - eigenvalues), _log_smallest_factor(dtype))
+        root = vectors * jnp.exp(0.5 * exponent)
         r = jnp.linalg.qr((chol @ root).T, mode="r")
         new = r.T * jnp.sign(jnp.diag(r))  # lower, with a positive diagonal
     else:
@@ -435,7 +493,14 @@ def update_precision_natural(
     $\\log p \\leftarrow \\log p + \\eta (1 - p s)$, a gradient step of size $2\\eta$ on
     $\\log p$ (of $F$ per element). It can overshoot far when $P$ is much too large
     ($\\mu_{\\max} \\gg 1$: a factor $e^{-\\eta \\mu_{\\max}}$), which the capped Euler step
-    cannot.
+    cannot. **Underflow floor:** each exponent $\\eta (1 - \\mu_i)$ is clamped below at
+    $\\tfrac12 \\log t$, $t$ the smallest normal number of the computation's dtype, so that one
+    step shrinks no eigenvalue of $P - fI$ by more than the factor $\\sqrt t$ (about
+    $1.1 \\times 10^{-19}$ in float32, $1.5 \\times 10^{-154}$ in float64); the exact step
+    would round to $P = 0$ (log-det $-\\infty$) in float32 once $\\eta (\\mu_{\\max} - 1) > 87$,
+    e.g. errors of standard deviation 30 at $P = 1$, $\\eta = 0.5$. A shrinking step starts
+    from $\\mu > 1$, so the result stays above $\\sqrt t\\, S^{-1}$ in those directions and the
+    flow recovers from there (it only ever shortens the step, so the fixed point is unchanged).
 
     **Floor:** a module stores $P = P_0 + f I$ with $P_0 = L L^\\top$ (or $e^\\theta$) and floor
     $f$. The flow is applied to $P_0$, the part the module parameterises, so $P$ stays above the
@@ -462,16 +527,9 @@ def update_precision_natural(
         raise ValueError(f"{name}: `method` must be 'euler' or 'exponential', got {method!r}.")
     if not 0.0 < safeguard < 1.0:
         raise ValueError(f"{name}: `safeguard` must be in (0, 1), got {safeguard!r}.")
-    unknown = sorted(set(precision) - set(errors))
-    if unknown:
-        raise ValueError(f"{name}: no errors for node(s) {unknown}.")
+    _modules(name, precision, errors)
     new = {}
     for key, module in precision.items():
-        if not isinstance(module, Precision):
-            raise TypeError(
-                f"{name}: node {key!r} has a fixed precision ({type(module).__name__}); only "
-                "precision modules (ScalarPrecision, DiagonalPrecision, FullPrecision) learn."
-            )
         shape = tuple(jnp.shape(errors[key]))
         problem = module.fits(shape)
         if problem is not None:
