@@ -308,4 +308,3 @@ def node_energy(
     """The energy for already validated node values and precisions (the inner-loop form)."""
     predicted, in_graph = predicted_with_precisions(fn, params, values, x)
     return total_energy(values, predicted, precision, in_graph)
-
