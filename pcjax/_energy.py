@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._harvest import GRAPH_PRECISION
+from ._harvest import GRAPH_PRECISION, traces_once
 from ._precision import Precision as PrecisionModule
 from ._precision import _concrete, logdet_term, weigh
 from ._tagging import Nodes, node_energies, predicted_with_precisions, run_tagged
@@ -256,7 +256,7 @@ def checked_values(
                 "are optimised by gradient descent and must be floating point (cast it, e.g. "
                 "with .astype(jnp.float32), or pass the node in `observed`)."
             )
-    predicted, customs = node_energies(fn, params, values, x)
+    predicted, customs = node_energies(fn, params, values, x, set(values) - set(states))
     check_partition(predicted, values)
     checked = check_precision(resolve_precision(precision, params), predicted)
     in_graph = sorted(k for k, f in customs.items() if f is GRAPH_PRECISION)
@@ -299,6 +299,7 @@ def node_energy(
     return total_energy(values, predicted, precision, in_graph)
 
 
+@traces_once
 def energy(
     fn: Callable[..., Any],
     params: Any,

@@ -19,6 +19,7 @@ import jax
 import optax
 
 from ._energy import Precision, checked_values, node_dicts
+from ._harvest import traces_once
 from ._models import EnergyModel, as_model, fixed_predictions, preconditioned
 from ._solvers import AbstractSolver, GradientDescent, InferInfo, check_solver_fits
 from ._tagging import Nodes, scan_depths
@@ -27,6 +28,7 @@ Array = jax.Array
 __all__ = ["infer", "legacy_solver", "run_solver"]
 
 
+@traces_once
 def infer(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from ._energy import Precision, checked_values, node_dicts
+from ._harvest import traces_once
 from ._models import EnergyModel, as_model, fixed_predictions, preconditioned
 from ._natural import uses_fisher, with_statistics
 from ._nudging import MODES as NUDGING_MODES
@@ -27,6 +28,7 @@ from ._solvers import GradientDescent, real
 Array = jax.Array
 
 
+@traces_once
 def param_grads(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,

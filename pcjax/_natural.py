@@ -39,6 +39,7 @@ import optax
 
 from ._dense import dense_inputs, dense_sites
 from ._energy import CustomEnergy, Precision, batch_size, checked_values, in_graph_nodes
+from ._harvest import traces_once
 from ._precision import dense_matrix, weigh
 from ._sharding import _device_mean
 from ._tagging import predictions, scan_depths
@@ -100,6 +101,7 @@ class FisherOperator(eqx.Module):
         return jax.tree.map(lambda p: p / self.batch_size, product), varying_axes(outputs)
 
 
+@traces_once
 def fisher_statistics(
     fn: Callable[..., Any],
     params: Any,

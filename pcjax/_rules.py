@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from ._energy import Precision, batch_size, checked_values
+from ._harvest import traces_once
 from ._models import (
     Bidirectional,
     Context,
@@ -443,6 +444,7 @@ def make_train_step(
         )
     takes_context = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
+    @traces_once
     def step(
         params: Any,
         opt_state: optax.OptState,
