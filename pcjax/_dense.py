@@ -36,14 +36,14 @@ from jax.extend import core
 from jax.interpreters import ad, batching, mlir
 
 from ._harvest import (
-    _INLINE,
-    _REMAT,
-    _check_states,
-    _Harvester,
-    _is_array,
-    _Nodes,
-    _trace,
+    INLINE_PRIMITIVES,
+    REMAT_PRIMITIVES,
+    Harvester,
+    check_states,
+    is_array,
+    mixed_p,
     node_p,
+    trace,
 )
 
 Array = jax.Array
@@ -99,9 +99,9 @@ class DenseSite(NamedTuple):
     bias_scale: float = 1.0
 
 
-# Operations whose outputs are their inputs as far as the Fisher goes: a cast (mixed precision),
-# marking a replicated value device-varying (inside `shard_map`).
-_SAME_VALUE = frozenset({"convert_element_type", "pvary", "pbroadcast"})
+# Operations whose outputs are their inputs as far as the Fisher goes: a cast and the marker of
+# `pcjax.mixed_precision`, marking a replicated value device-varying (inside `shard_map`).
+_SAME_VALUE = frozenset({"convert_element_type", "pvary", "pbroadcast", mixed_p.name})
 
 
 class _Finder:
@@ -130,7 +130,7 @@ class _Finder:
             if name == "scan":
                 self._scan(eqn, origins, depth)
                 continue
-            if (name in _INLINE or name in _REMAT) and (
+            if (name in INLINE_PRIMITIVES or name in REMAT_PRIMITIVES) and (
                 isinstance(sub, core.Jaxpr) and len(sub.invars) == len(eqn.invars)
             ):
                 self.walk(sub, _pass_on(eqn.invars, sub.invars, origins, None), depth)
@@ -218,7 +218,7 @@ class _Search:
                 return site._replace(scale=scale, bias_scale=bias_scale), marks
             elif kind not in _SAME_VALUE:
                 return None
-            var = eqn.invars[0]
+            var = _operand_of(eqn, var)
         return None
 
     def _add(self, eqn, chain, other, axis, bias, adds, scale, bias_scale):
@@ -240,6 +240,16 @@ def _constant_scalar(eqn: core.JaxprEqn) -> tuple[core.Var, float] | None:
         if scalar and isinstance(other, core.Var) and other.aval.shape == eqn.outvars[0].aval.shape:
             return other, float(factor.val)
     return None
+
+
+def _operand_of(eqn: core.JaxprEqn, output: Any) -> Any:
+    """The operand of a value-preserving equation (`_SAME_VALUE`) that its `output` is (the
+    mixed-precision marker has one output per operand)."""
+    return (
+        eqn.invars[list(eqn.outvars).index(output)]
+        if eqn.primitive.multiple_results
+        else eqn.invars[0]
+    )
 
 
 def _var(v: Any) -> Any:
@@ -264,9 +274,10 @@ def _bias_operand(eqn: core.JaxprEqn, operand: Any, axis: int, producers: dict, 
         return None
     if var in origins and var.aval.ndim == 1 and eqn.outvars[0].aval.ndim == 1:
         return origins[var]
-    source = producers.get(var)
+    source, output = producers.get(var), var
     while source is not None and source.primitive.name in _SAME_VALUE:
-        source = producers.get(_var(source.invars[0]))
+        output = _var(_operand_of(source, output))
+        source = producers.get(output)
     if (
         source is not None
         and source.primitive.name == "broadcast_in_dim"
@@ -336,12 +347,12 @@ def find_dense_sites(jaxpr: core.Jaxpr, leaf_of_input: Mapping[int, int]) -> dic
 
 
 def _leaf_of_input(params: Any, x: Any) -> dict[int, int]:
-    """For `_trace(fn, (params, x))`: traced input index -> index among the floating-point
+    """For `trace(fn, (params, x))`: traced input index -> index among the floating-point
     leaves of `params` (`eqx.filter(params, eqx.is_inexact_array)` order)."""
     n_params = len(jax.tree.leaves(params))
     mapping, traced, leaf = {}, 0, 0
     for position, value in enumerate(jax.tree.leaves((params, x))):
-        if not _is_array(value):
+        if not is_array(value):
             continue  # static, not traced
         if position < n_params and jnp.issubdtype(value.dtype, jnp.inexact):
             mapping[traced] = leaf
@@ -350,22 +361,30 @@ def _leaf_of_input(params: Any, x: Any) -> dict[int, int]:
     return mapping
 
 
+def _sites(fn: Callable[..., Any], params: Any, x: Any) -> tuple[Any, list[Any], dict]:
+    """The traced program of `fn(params, x)`, its inputs, and its dense sites (found once per
+    traced program)."""
+    traced, arrays = trace(fn, (params, x))
+    if "dense_sites" not in traced.memo:
+        traced.memo["dense_sites"] = find_dense_sites(
+            traced.closed.jaxpr, _leaf_of_input(params, x)
+        )
+    return traced, arrays, traced.memo["dense_sites"]
+
+
 def dense_sites(fn: Callable[..., Any], params: Any, x: Any) -> dict[str, DenseSite]:
     """The dense sites of `fn(params, x)`, from a trace (nothing is computed)."""
-    closed, _, _ = _trace(fn, (params, x))
-    return find_dense_sites(closed.jaxpr, _leaf_of_input(params, x))
+    return _sites(fn, params, x)[2]
 
 
 def dense_inputs(
     fn: Callable[..., Any], params: Any, x: Any, values: Mapping[str, Array] | None
 ) -> tuple[dict[str, DenseSite], dict[str, Array], dict[str, int]]:
-    """The dense sites of `fn(params, x)`, each one's input $h$ at the given node states (the
+    """The dense sites of `fn(params, x)`, each one's input $h$ at the given node values (the
     feature axis last, stacked along the enclosing scans as leading axes), and every node's
     number of enclosing scans."""
-    closed, _, arrays = _trace(fn, (params, x))
-    sites = find_dense_sites(closed.jaxpr, _leaf_of_input(params, x))
-    nodes = _Nodes(closed.jaxpr)
-    states = _check_states(nodes, {} if values is None else values, None)
-    harvester = _Harvester(nodes, states, None, record=sites)
-    harvester.run(closed.jaxpr, closed.consts, arrays)
-    return sites, harvester.inputs, dict(nodes.scan_depth)
+    traced, arrays, sites = _sites(fn, params, x)
+    states = check_states(traced.nodes, {} if values is None else values)
+    harvester = Harvester(traced.nodes, states, record=sites)
+    harvester.run(traced.closed.jaxpr, traced.closed.consts, arrays)
+    return sites, harvester.inputs, dict(traced.nodes.scan_depth)

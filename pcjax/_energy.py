@@ -267,7 +267,7 @@ def checked_values(
                 "are optimised by gradient descent and must be floating point (cast it, e.g. "
                 "with .astype(jnp.float32), or pass the node in `observed`)."
             )
-    predicted, customs = node_energies(fn, params, values, x)
+    predicted, customs = node_energies(fn, params, values, x, set(values) - set(states))
     check_partition(predicted, values)
     checked = check_precision(resolve_precision(precision, params), predicted)
     in_graph = sorted(k for k, f in customs.items() if f is GRAPH_PRECISION)

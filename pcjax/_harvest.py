@@ -2,7 +2,8 @@
 
 `tag(name, value)` binds the primitive `pcjax_node`, an identity that JAX's transformations
 carry along like any other operation: under `jax.vmap` it is re-bound on the batched value
-(batch axis moved to the front, so a vmapped node's state is `(batch, *shape)`), under
+(batch axis moved to the front, so a vmapped node's state is `(batch, *shape)`; a value that
+does not carry the batch is broadcast along it), under
 `jax.jvp`/`jax.grad` it tags the primal and lets the tangent through, under `jax.jit` it lowers
 to nothing. So a tagged function stays an ordinary JAX function, and its traced program
 (jaxpr) contains one `pcjax_node` equation per tag, wherever the tag sits: inside a nested
@@ -25,12 +26,26 @@ are handled recursively:
   with a node inside: a `ValueError` naming the node and the construct.
 
 Equations with no node inside are re-bound as they are (custom derivative rules included).
+
+`pcjax.mixed_precision` marks its cast inputs with the identity primitive
+`pcjax_mixed_precision[state_dtype]`; a program containing it records every floating-point
+prediction in that dtype (and its states must have it). The dtype is read from the traced
+program, so it is found behind warm `jax.jit` / `eqx.filter_jit` / `jax.checkpoint` caches.
+
+One top-level call of pcjax traces the user's function once: the entry points open a
+`trace_scope`, within which `trace` reuses the jaxpr of an earlier trace of the same function on
+arguments of the same structure, static leaves and abstract values. The cache lives only as long
+as the scope, so a function closing over Python values that change between calls is retraced on
+the next call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +56,24 @@ from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
 
-__all__ = ["harvest", "node_p", "tag", "tagged_nodes"]
+__all__ = [
+    "INLINE_PRIMITIVES",
+    "REMAT_PRIMITIVES",
+    "Harvester",
+    "NodeTable",
+    "Traced",
+    "check_states",
+    "harvest",
+    "is_array",
+    "mark_state_dtype",
+    "mixed_p",
+    "node_p",
+    "tag",
+    "tagged_nodes",
+    "trace",
+    "trace_scope",
+    "traces_once",
+]
 
 Energy = Callable[[Array, Array], Array]
 
@@ -77,16 +109,21 @@ def _node_abstract_eval(aval: Any, *precision: Any, **params: Any) -> Any:
     return aval
 
 
-def _node_batch(args: Sequence[Array], dims: Sequence[Any], **params: Any) -> tuple[Array, int]:
+def _node_batch(
+    axis_data: Any, args: Sequence[Array], dims: Sequence[Any], **params: Any
+) -> tuple[Array, int]:
     """Re-tag the batched value with its batch axis moved to the front.
 
     So a node under `jax.vmap` has a state and a prediction of shape `(batch, *shape)`, whatever
     axis the batch happened to sit on inside the traced program (nested vmaps: outermost first).
-    An in-graph precision follows the value; an operand without the batch axis is broadcast.
+    JAX calls this rule for every tag bound inside a vmap, also when no operand carries the
+    batch (a node computed from parameters only, `pcjax.node("z", params["prior"])`): such a
+    value is broadcast along the batch, so that every sample has its own state. An in-graph
+    precision follows the value; an operand without the batch axis is broadcast.
     """
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    size = axis_data.size
     moved = [
-        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        jnp.broadcast_to(a, (size, *jnp.shape(a))) if d is None else jnp.moveaxis(a, d, 0)
         for a, d in zip(args, dims)
     ]
     return node_p.bind(*moved, **params), 0
@@ -105,7 +142,7 @@ def _node_transpose(ct: Any, *args: Any, **params: Any) -> list[Any]:
 
 node_p.def_impl(_node_impl)
 node_p.def_abstract_eval(_node_abstract_eval)
-batching.primitive_batchers[node_p] = _node_batch
+batching.fancy_primitive_batchers[node_p] = _node_batch
 ad.primitive_jvps[node_p] = _node_jvp
 ad.primitive_transposes[node_p] = _node_transpose
 mlir.register_lowering(node_p, lambda ctx, x, *_, **__: [x])
@@ -162,10 +199,51 @@ def tag(name: str, value: Any, *, energy: Energy | None = None, precision: Any =
 
 
 # --------------------------------------------------------------------------------------------
+# The mixed-precision marker.
+
+mixed_p = core.Primitive("pcjax_mixed_precision")
+"""`pcjax_mixed_precision[state_dtype](*xs) = xs`: marks the (cast) inputs of a function wrapped
+by `pcjax.mixed_precision`. A program containing it records every floating-point node
+prediction in `state_dtype`. Being an equation of the traced program (its outputs feed the
+function), it is found wherever the program comes from: a fresh trace or a warm jit cache."""
+mixed_p.multiple_results = True
+mixed_p.def_impl(lambda *xs, state_dtype: list(xs))
+mixed_p.def_abstract_eval(lambda *avals, state_dtype: list(avals))
+batching.primitive_batchers[mixed_p] = lambda args, dims, **params: (
+    mixed_p.bind(*args, **params),
+    list(dims),
+)
+ad.primitive_jvps[mixed_p] = lambda primals, tangents, **params: (
+    mixed_p.bind(*primals, **params),
+    list(tangents),
+)
+mlir.register_lowering(mixed_p, lambda ctx, *xs, **_: list(xs))
+
+T = TypeVar("T")
+
+
+def mark_state_dtype(tree: T, state_dtype: Any) -> T:
+    """Pass the array leaves of `tree` through the `pcjax_mixed_precision` marker, so that the
+    traced program of a function using them records its node predictions in `state_dtype`."""
+    dtype = jnp.dtype(state_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"pcjax.mixed_precision: `state_dtype` must be a float dtype, got {dtype}.")
+    leaves, treedef = jax.tree.flatten(tree)
+    positions = [i for i, leaf in enumerate(leaves) if is_array(leaf)]
+    if not positions:  # nothing to mark: a marker on a dummy operand keeps the dtype in the program
+        mixed_p.bind(jnp.zeros((), dtype), state_dtype=dtype)
+        return tree
+    marked = mixed_p.bind(*(leaves[i] for i in positions), state_dtype=dtype)
+    for i, value in zip(positions, marked):
+        leaves[i] = value
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------------------------
 # Finding the nodes of a jaxpr.
 
-_INLINE = frozenset({"jit", "pjit", "closed_call", "call", "core_call"})
-_REMAT = frozenset({"remat2", "remat", "checkpoint"})
+INLINE_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "call", "core_call"})
+REMAT_PRIMITIVES = frozenset({"remat2", "remat", "checkpoint"})
 _CONSTRUCTS = {
     "while": "a lax.while_loop / lax.fori_loop",
     "cond": "a lax.cond / lax.switch branch",
@@ -197,11 +275,13 @@ def _subjaxprs(eqn: core.JaxprEqn) -> Iterator[tuple[core.Jaxpr, Sequence[Any]]]
                 yield item, ()
 
 
-class _Nodes:
+class NodeTable:
     """The nodes of one traced program: their shapes, and which sub-jaxprs hold any.
 
-    `avals[name]` is the node's (stacked) shape and dtype: the tagged value's shape, preceded by
-    the length of every enclosing scan (outermost first).
+    `avals[name]` is the shape and dtype of the node's state: the tagged value's shape, preceded
+    by the length of every enclosing scan (outermost first), in the tagged value's dtype, or in
+    `state_dtype` for a floating-point node when the program contains a `pcjax.mixed_precision`
+    marker (`mixed_p`); `state_dtype` is None otherwise.
     """
 
     def __init__(self, jaxpr: core.Jaxpr):
@@ -210,6 +290,7 @@ class _Nodes:
         self.scan_depth: dict[str, int] = {}
         self.with_precision: set[str] = set()  # nodes tagged with an in-graph precision
         self._inside: dict[int, tuple[core.Jaxpr, frozenset[str]]] = {}
+        self.state_dtype = _state_dtype(jaxpr)
         self._walk(jaxpr, ())
 
     def inside(self, jaxpr: core.Jaxpr) -> frozenset[str]:
@@ -239,7 +320,7 @@ class _Nodes:
             names = frozenset().union(*map(self.inside, subs))
             if not names:
                 continue
-            if name in _INLINE or name in _REMAT:
+            if name in INLINE_PRIMITIVES or name in REMAT_PRIMITIVES:
                 for sub in subs:
                     self._walk(sub, lead)
             elif name == "scan":
@@ -254,8 +335,36 @@ class _Nodes:
                 "every node needs a unique name (e.g. add the layer index). A node inside "
                 "lax.scan counts once: its state is stacked over the steps."
             )
-        self.avals[name] = jax.ShapeDtypeStruct((*lead, *aval.shape), aval.dtype)
+        dtype = aval.dtype
+        if self.state_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            dtype = self.state_dtype
+        self.avals[name] = jax.ShapeDtypeStruct((*lead, *aval.shape), dtype)
         self.scan_depth[name] = len(lead)
+
+
+def _state_dtypes(jaxpr: core.Jaxpr, seen: set[int]) -> set[Any]:
+    """The `state_dtype`s of every `pcjax_mixed_precision` marker in `jaxpr` (recursively)."""
+    found: set[Any] = set()
+    if id(jaxpr) in seen:
+        return found
+    seen.add(id(jaxpr))
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is mixed_p:
+            found.add(jnp.dtype(eqn.params["state_dtype"]))
+        for sub, _ in _subjaxprs(eqn):
+            found |= _state_dtypes(sub, seen)
+    return found
+
+
+def _state_dtype(jaxpr: core.Jaxpr) -> Any:
+    """The one state dtype that the program's `pcjax.mixed_precision` markers ask for, or None."""
+    dtypes = _state_dtypes(jaxpr, set())
+    if len(dtypes) > 1:
+        raise ValueError(
+            "pcjax.mixed_precision: the function nests mixed_precision wrappers with different "
+            f"state dtypes {sorted(map(str, dtypes))}; use one state dtype."
+        )
+    return next(iter(dtypes), None)
 
 
 def _unsupported(primitive: str, names: frozenset[str]) -> ValueError:
@@ -271,7 +380,7 @@ def _unsupported(primitive: str, names: frozenset[str]) -> ValueError:
 # The interpreter.
 
 
-class _Harvester:
+class Harvester:
     """Evaluates jaxprs, recording node predictions and substituting node states.
 
     `states` holds the (already checked) states of the nodes this evaluation reaches, with the
@@ -282,25 +391,23 @@ class _Harvester:
 
     def __init__(
         self,
-        nodes: _Nodes,
+        nodes: NodeTable,
         states: Mapping[str, Array],
-        record_dtype: Any,
         record: Mapping[str, Any] | None = None,
         offsets: Mapping[str, Array] | None = None,
     ):
         self.nodes = nodes
         self.states = states
         self.offsets = offsets or {}
-        self.record_dtype = record_dtype
         self.predictions: dict[str, Array] = {}
         self.precisions: dict[str, Array] = {}  # in-graph precisions (`tag(..., precision=)`)
         # Dense layers whose inputs to record (`pcjax._dense`): node name -> site.
         self.record = record or {}
         self.inputs: dict[str, Array] = {}
 
-    def child(self, inside: tuple[Mapping[str, Array], Mapping[str, Array]]) -> _Harvester:
+    def child(self, inside: tuple[Mapping[str, Array], Mapping[str, Array]]) -> Harvester:
         states, offsets = inside
-        return _Harvester(self.nodes, states, self.record_dtype, self.record, offsets)
+        return Harvester(self.nodes, states, self.record, offsets)
 
     def inside(self, names: frozenset[str]) -> tuple[dict[str, Array], dict[str, Array]]:
         """The states and offsets of the nodes `names` (those of a sub-jaxpr)."""
@@ -339,26 +446,29 @@ class _Harvester:
         name = eqn.primitive.name
         if eqn.primitive is node_p:
             return [self.visit(eqn.params["name"], *invals)]
+        if eqn.primitive is mixed_p:  # read by NodeTable already; an identity here
+            return invals
         subs = list(_subjaxprs(eqn))
         if not any(self.nodes.inside(sub) for sub, _ in subs):
             params = eqn.primitive.get_bind_params(eqn.params)
             out = eqn.primitive.bind(*invals, **params)
             return list(out) if eqn.primitive.multiple_results else [out]
-        if name in _INLINE:
+        if name in INLINE_PRIMITIVES:
             ((sub, consts),) = subs
             return self.run(sub, consts, invals)
-        if name in _REMAT:
+        if name in REMAT_PRIMITIVES:
             return self.remat(eqn, invals)
         if name == "scan":
             return self.scan(eqn, invals)
-        raise AssertionError(f"unreachable: {name}")  # _Nodes rejected it already
+        raise AssertionError(f"unreachable: {name}")  # NodeTable rejected it already
 
     def visit(self, name: str, value: Array, precision: Array | None = None) -> Array:
         """Record `value` as the prediction of `name` (and its in-graph `precision`, if any);
         return the node's state if it has one."""
         recorded = value
-        if self.record_dtype is not None and jnp.issubdtype(value.dtype, jnp.inexact):
-            recorded = value.astype(self.record_dtype)
+        dtype = self.nodes.state_dtype
+        if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
+            recorded = value.astype(dtype)
         self.predictions[name] = recorded
         if precision is not None:
             self.precisions[name] = precision.astype(recorded.dtype)
@@ -412,31 +522,142 @@ class _Harvester:
 
 
 # --------------------------------------------------------------------------------------------
-# The public entry points.
+# Tracing, once per top-level call.
 
 
-def _is_array(leaf: Any) -> bool:
+def is_array(leaf: Any) -> bool:
+    """Whether a pytree leaf is traced (an array) rather than static."""
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
-def _trace(fn: Callable[..., Any], args: tuple[Any, ...]):
-    """Trace `fn(*args)` on the array leaves of `args` (other leaves stay static)."""
-    leaves, treedef = jax.tree.flatten(args)
-    dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+class Traced(NamedTuple):
+    """A traced function: its closed jaxpr, output structure, which leaves of the arguments are
+    its inputs (the array leaves), its nodes, and a memo for analyses of the same program (the
+    dense layers of `pcjax._dense`)."""
 
-    def flat_fn(*arrays: Any) -> Any:
+    closed: core.ClosedJaxpr
+    out_tree: Any
+    dynamic: tuple[int, ...]
+    nodes: NodeTable
+    memo: dict[Any, Any]
+
+
+_scope: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "pcjax_trace_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def trace_scope() -> Iterator[None]:
+    """Within this scope, `trace` traces each function once per argument signature.
+
+    Scopes nest: an inner scope shares the outermost one's cache, which ends with it. Open one
+    per top-level call (see `traces_once`), never for longer: a function closing over Python
+    values (or arrays) that change between calls would see stale values in a longer-lived cache.
+    """
+    if _scope.get() is not None:
+        yield
+        return
+    token = _scope.set({})
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def traces_once(function: F) -> F:
+    """Decorate a pcjax entry point so that one call of it traces the user's function once
+    (it runs inside a `trace_scope`)."""
+
+    @functools.wraps(function)
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        with trace_scope():
+            return function(*args, **kwargs)
+
+    return scoped  # type: ignore[return-value]
+
+
+def _signature(fn: Callable[..., Any], leaves: list[Any], treedef: Any) -> Any:
+    """The cache key of `fn` traced on these argument leaves, or None if it has none (an
+    unhashable static leaf). Static leaves are keyed with their type (1 and 1.0 trace
+    differently); array leaves by their abstract value (shape, dtype, weak type, sharding)."""
+    parts = tuple(
+        ("array", jax.typeof(leaf)) if is_array(leaf) else ("static", type(leaf), leaf)
+        for leaf in leaves
+    )
+    key = (id(fn), treedef, parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def trace(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Traced, list[Any]]:
+    """Trace `fn(*args)` on the array leaves of `args` (other leaves stay static).
+
+    Returns the `Traced` program and this call's array leaves (its inputs). Inside a
+    `trace_scope`, a function already traced on arguments of the same signature is not traced
+    again.
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    dynamic = tuple(i for i, leaf in enumerate(leaves) if is_array(leaf))
+    arrays = [leaves[i] for i in dynamic]
+    cache = _scope.get()
+    key = None if cache is None else _signature(fn, leaves, treedef)
+    if key is not None and key in cache:
+        return cache[key][1], arrays
+
+    def flat_fn(*inputs: Any) -> Any:
         full = list(leaves)
-        for i, a in zip(dynamic, arrays):
+        for i, a in zip(dynamic, inputs):
             full[i] = a
         return fn(*jax.tree.unflatten(treedef, full))
 
-    arrays = [leaves[i] for i in dynamic]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
-    return closed, jax.tree.structure(out_shape), arrays
+    traced = Traced(closed, jax.tree.structure(out_shape), dynamic, NodeTable(closed.jaxpr), {})
+    if key is not None:
+        cache[key] = (fn, traced)  # holding `fn` keeps its id from being reused in the scope
+    return traced, arrays
 
 
-def _check_states(nodes: _Nodes, values: Mapping[str, Any], record_dtype: Any) -> dict:
-    """Unknown names, shapes and dtypes of the states; returns them as arrays."""
+# --------------------------------------------------------------------------------------------
+# Checking states and observed values.
+
+
+def _scan_note(nodes: NodeTable, name: str) -> str:
+    depth = nodes.scan_depth[name]
+    if not depth:
+        return ""
+    return (
+        f" (the node is inside {depth} lax.scan(s): its state is stacked along {depth} "
+        f"leading axis(es) of the scan lengths {nodes.avals[name].shape[:depth]})"
+    )
+
+
+def _numeric(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+
+
+def check_states(
+    nodes: NodeTable, values: Mapping[str, Any], observed: Collection[str] | None = None
+) -> dict[str, Array]:
+    """Check node values against the nodes: unknown names, shapes and dtypes; return them as
+    arrays.
+
+    `observed` names the values that are observed (clamped: labels, targets). Their dtype need
+    not match (an int one-hot label, float32 targets under x64): each is cast to the node's
+    dtype where it is used. A free state must have its node's shape and state dtype (the dtype
+    of `pcjax.forward_init`'s predictions, float32 under `pcjax.mixed_precision`), so that
+    inference runs in that dtype. With `observed=None` (an inner evaluation whose values were
+    checked at the entry point) only shapes are checked, and any numeric value is cast.
+
+    Raises `TypeError` for a non-mapping, `ValueError` naming the node and the shapes / dtypes
+    otherwise.
+    """
     if not isinstance(values, Mapping):
         raise TypeError(
             f"pcjax: `values` must map node names to states, got {type(values).__name__}."
@@ -447,71 +668,54 @@ def _check_states(nodes: _Nodes, values: Mapping[str, Any], record_dtype: Any) -
             f"pcjax: unknown node(s) {unknown} in `values`; the function tags "
             f"{sorted(nodes.avals)}."
         )
-    states = {}
-    for name, state in values.items():
-        aval = nodes.avals[name]
-        dtype = aval.dtype
-        if record_dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
-            dtype = jnp.dtype(record_dtype)
-        state = jnp.asarray(state)
-        if state.shape != aval.shape or state.dtype != dtype:
-            depth = nodes.scan_depth[name]
-            where = (
-                f" (the node is inside {depth} lax.scan(s): its state is stacked along "
-                f"{depth} leading axis(es) of the scan lengths {aval.shape[:depth]})"
-                if depth
-                else ""
-            )
+    strict = set() if observed is None else set(values) - set(observed)
+    checked = {}
+    for name, value in values.items():
+        aval, value = nodes.avals[name], jnp.asarray(value)
+        shape_ok = value.shape == aval.shape
+        if name in strict:
+            if not shape_ok or value.dtype != aval.dtype:
+                raise ValueError(
+                    f"pcjax: the state of node {name!r} has shape {value.shape} and dtype "
+                    f"{value.dtype}, but its prediction has shape {aval.shape} and dtype "
+                    f"{aval.dtype}{_scan_note(nodes, name)}; use the predictions of "
+                    "pcjax.forward_init as states."
+                )
+        elif not shape_ok or not _numeric(value.dtype):
+            what = "observed value" if observed is not None else "value (state or observed)"
             raise ValueError(
-                f"pcjax: the state of node {name!r} has shape {state.shape} and dtype "
-                f"{state.dtype}, but its prediction has shape {aval.shape} and dtype "
-                f"{dtype}{where}; use the predictions of pcjax.forward_init as states."
+                f"pcjax: the {what} of node {name!r} has shape {value.shape} and dtype "
+                f"{value.dtype}, but its prediction has shape {aval.shape} and dtype "
+                f"{aval.dtype}{_scan_note(nodes, name)}; an observed value must have the "
+                "prediction's shape (its dtype is cast to the prediction's)."
             )
-        states[name] = state
-    return states
+        checked[name] = value
+    return checked
 
 
-def _record_dtype(record_dtype: Any) -> Any:
-    """`record_dtype` as a dtype (or None), calling it first if it is a hook."""
-    if record_dtype is None:
-        return None
-    try:
-        return jnp.dtype(record_dtype)
-    except TypeError:
-        if not callable(record_dtype):
-            raise TypeError(
-                f"pcjax: `record_dtype` must be a dtype, a function returning one, or None; "
-                f"got {record_dtype!r}."
-            ) from None
-    chosen = record_dtype()
-    return None if chosen is None else jnp.dtype(chosen)
+# --------------------------------------------------------------------------------------------
+# The public entry points.
 
 
-def harvest(
-    fn: Callable[..., Any],
-    *,
-    record_dtype: Any | Callable[[], Any] = None,
-    precisions: bool = False,
-) -> Callable[..., tuple[Any, ...]]:
+def harvest(fn: Callable[..., Any], *, precisions: bool = False) -> Callable[..., tuple[Any, ...]]:
     """`fn` with its node states substituted and its node predictions returned.
 
     `harvest(fn)(values, *args)` evaluates `fn(*args)`; each node tagged in it records its
     tagged value (its prediction $\\mu$) and, if `values` holds a state $x$ for it, hands $x$ on
     downstream instead of $\\mu$. It returns `(output, predictions)`, `predictions` mapping every
     node name to its prediction. A node tagged in a `lax.scan` body has its state and prediction
-    stacked along a leading axis of the scan length; a node under `jax.vmap` is batched.
+    stacked along a leading axis of the scan length; a node under `jax.vmap` is batched. If the
+    program contains a `pcjax.mixed_precision` marker, floating-point predictions are recorded
+    in its state dtype, and each value is cast to the node's own dtype where it is used.
 
-    **Arguments:**
+    **Keyword arguments of the returned function:**
 
-    - `fn`: a function tagging its nodes with `tag(name, value)`.
-    - `record_dtype`: if given, floating-point predictions are recorded in this dtype, states
-      must have it, and each state is cast to the node's own dtype where it is used
-      (mixed precision). A function of no arguments is called after `fn` is traced (a hook
-      for wrappers that choose the dtype while `fn` runs); it may return None.
-
-    `offsets` (keyword): nodes that hand on their prediction plus this offset instead (the
-    error parameterisation: the offset is the node's prediction error); they must not also be
-    in `values`.
+    - `offsets`: nodes that hand on their prediction plus this offset instead (the error
+      parameterisation: the offset is the node's prediction error); they must not also be in
+      `values`.
+    - `observed`: the names in `values` that are observed values; the others are states and
+      must have their node's dtype (see `check_states`). None (default): dtypes are not
+      checked, values are cast.
 
     `precisions=True`: return `(output, predictions, precisions)`, the last mapping every node
     tagged with an in-graph precision (`tag(..., precision=p)`) to that precision, stacked and
@@ -522,20 +726,22 @@ def harvest(
     """
 
     def wrapped(
-        values: Mapping[str, Any] | None, *args: Any, offsets: Mapping[str, Any] | None = None
-    ) -> tuple[Any, dict[str, Array]]:
-        closed, out_tree, arrays = _trace(fn, args)
-        nodes = _Nodes(closed.jaxpr)
-        dtype = _record_dtype(record_dtype)
-        states = _check_states(nodes, {} if values is None else values, dtype)
-        offsets = _check_states(nodes, {} if offsets is None else offsets, dtype)
+        values: Mapping[str, Any] | None,
+        *args: Any,
+        offsets: Mapping[str, Any] | None = None,
+        observed: Collection[str] | None = None,
+    ) -> tuple[Any, ...]:
+        traced, arrays = trace(fn, args)
+        nodes = traced.nodes
+        states = check_states(nodes, {} if values is None else values, observed)
+        offsets = check_states(nodes, {} if offsets is None else offsets)
         both = sorted(set(states) & set(offsets))
         if both:
             raise ValueError(f"pcjax: node(s) {both} given both a state and an offset.")
-        harvester = _Harvester(nodes, states, dtype, offsets=offsets)
-        outs = harvester.run(closed.jaxpr, closed.consts, arrays)
+        harvester = Harvester(nodes, states, offsets=offsets)
+        outs = harvester.run(traced.closed.jaxpr, traced.closed.consts, arrays)
         predictions = {name: harvester.predictions[name] for name in nodes.avals}
-        out = jax.tree.unflatten(out_tree, outs)
+        out = jax.tree.unflatten(traced.out_tree, outs)
         if precisions:
             return out, predictions, dict(harvester.precisions)
         return out, predictions
@@ -547,22 +753,22 @@ def tagged_nodes(
     fn: Callable[..., Any],
     values: Mapping[str, Any] | None = None,
     *,
-    record_dtype: Any | Callable[[], Any] = None,
+    observed: Collection[str] | None = None,
 ) -> Callable[..., tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Energy], dict[str, int]]]:
     """`tagged_nodes(fn)(*args)`: the nodes of `fn(*args)`, from a trace (nothing is computed).
 
-    **Returns:** every node's (stacked) shape and dtype, in program order; the custom energies
-    of the nodes tagged with one (`GRAPH_PRECISION` for the nodes tagged with an in-graph
-    precision); and every node's number of enclosing scans (its leading stacked axes). Given
-    `values` (and `record_dtype`, as for `harvest`), the states are checked against the nodes
-    as `harvest` checks them, in the same trace.
+    **Returns:** every node's (stacked) state shape and dtype, in program order; the custom
+    energies of the nodes tagged with one (`GRAPH_PRECISION` for the nodes tagged with an
+    in-graph precision); and every node's number of enclosing scans (its leading stacked axes).
+    Given `values` (and `observed`, the names among them that are observed values), they are
+    checked against the nodes with `check_states`, in the same trace.
     """
 
     def wrapped(*args: Any):
-        closed, _, _ = _trace(fn, args)
-        nodes = _Nodes(closed.jaxpr)
+        traced, _ = trace(fn, args)
+        nodes = traced.nodes
         if values is not None:
-            _check_states(nodes, values, _record_dtype(record_dtype))
+            check_states(nodes, values, observed)
         energies = {**dict(nodes.energies), **dict.fromkeys(nodes.with_precision, GRAPH_PRECISION)}
         return dict(nodes.avals), energies, dict(nodes.scan_depth)
 

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from ._energy import Precision, checked_values, node_dicts
+from ._harvest import traces_once
 from ._models import EnergyModel, as_model
 from ._solvers import AbstractSolver, InferInfo, check_solver_fits
 from ._tagging import Nodes, scan_depths
@@ -25,6 +26,7 @@ Array = jax.Array
 __all__ = ["infer", "run_solver"]
 
 
+@traces_once
 def infer(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,

@@ -16,11 +16,13 @@ import jax
 
 from ._checks import check_no_python_floats
 from ._energy import Precision, checked_values, node_dicts
+from ._harvest import traces_once
 from ._models import EnergyModel, as_model
 
 Array = jax.Array
 
 
+@traces_once
 def param_grads(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,

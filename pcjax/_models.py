@@ -50,6 +50,7 @@ from ._energy import (
     node_energy,
     total_energy,
 )
+from ._harvest import traces_once
 from ._precision import solve
 from ._tagging import (
     Nodes,
@@ -409,6 +410,7 @@ def as_model(fn: Any, where: str = "pcjax") -> EnergyModel:
     return EnergyModel(fn)
 
 
+@traces_once
 def energy(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,
@@ -586,6 +588,7 @@ def forward_init(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> N
     return feedforward_states(as_model(fn, "pcjax.forward_init").fn, params, x)
 
 
+@traces_once
 def prediction_errors(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,

@@ -40,6 +40,7 @@ import optax
 from ._checks import concrete_value
 from ._dense import dense_inputs, dense_sites
 from ._energy import CustomEnergy, Precision, batch_size, checked_values, in_graph_nodes
+from ._harvest import traces_once
 from ._models import Bidirectional, EnergyModel, as_model
 from ._precision import dense_matrix, weigh
 from ._sharding import device_mean
@@ -102,6 +103,7 @@ class FisherOperator(eqx.Module):
         return jax.tree.map(lambda p: p / self.batch_size, product), varying_axes(outputs)
 
 
+@traces_once
 def fisher_statistics(
     fn: Callable[..., Any] | EnergyModel,
     params: Any,

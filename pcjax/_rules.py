@@ -39,6 +39,7 @@ import optax
 
 from ._checks import check_no_python_floats, check_optimizer_state
 from ._energy import Precision, batch_size, checked_values
+from ._harvest import traces_once
 from ._models import (
     Bidirectional,
     Context,
@@ -444,6 +445,7 @@ def make_train_step(
         )
     takes_context = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
+    @traces_once
     def step(
         params: Any,
         opt_state: optax.OptState,

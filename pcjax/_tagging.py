@@ -15,35 +15,22 @@ cache) and `jax.checkpoint` inside the function.
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ._dense import mark_dense
-from ._harvest import harvest, tag, tagged_nodes
+from ._harvest import harvest, mark_state_dtype, tag, tagged_nodes
 
 Array = jax.Array
 Nodes = dict[str, Array]
 
 
-class _DtypeHook:
-    """Set by `pcjax.mixed_precision` while the function is traced: (compute dtype, state
-    dtype), so that predictions are recorded in the state dtype."""
-
-    def __init__(self):
-        self.dtypes: tuple[Any, Any] | None = None
-
-
 NO_NODE = (
     "pcjax: the function tagged no node; wrap intermediate values in "
     "pcjax.node(name, value) to make them PC nodes."
-)
-
-_active_hook: contextvars.ContextVar[_DtypeHook | None] = contextvars.ContextVar(
-    "pcjax_active_hook", default=None
 )
 
 
@@ -86,6 +73,8 @@ def node(
 
     - `jax.vmap` / `eqx.filter_vmap`: the node's state is batched, with the vmapped axis first
       (nested vmaps: outermost first); e.g. per-sample equinox layers vmapped over a batch.
+      This holds also for a value that does not depend on the vmapped input (a prior mean
+      `pcjax.node("z", params["prior"])`): it is broadcast, so every sample has its own state.
     - `lax.scan`: the state is stacked along a new leading axis of the scan's length, one state
       per step (per time step of an RNN, per layer of a scan over layers); the prediction at
       step $t$ is computed from the body's inputs at step $t$, i.e. from the states of step
@@ -149,21 +138,10 @@ def _harvested(
     offsets: Mapping[str, Array] | None = None,
 ) -> tuple[Any, Nodes, Nodes]:
     """`run_tagged`, also returning the in-graph precisions (`pcjax.node(..., precision=)`)."""
-    hook = _DtypeHook()  # collects `mixed_precision`'s dtypes while `fn` is traced
-    token = _active_hook.set(hook)
-    try:
-        out, predictions, precisions = harvest(
-            fn, record_dtype=lambda: _state_dtype(hook), precisions=True
-        )(values, params, x, offsets=offsets)
-    finally:
-        _active_hook.reset(token)
+    out, predictions, precisions = harvest(fn, precisions=True)(values, params, x, offsets=offsets)
     if not predictions:
         raise ValueError(NO_NODE)
     return out, predictions, precisions
-
-
-def _state_dtype(hook: _DtypeHook) -> Any:
-    return None if hook.dtypes is None else hook.dtypes[1]
 
 
 def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
@@ -180,22 +158,21 @@ def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
 
 
 def node_energies(
-    fn: Callable[..., Any], params: Any, values: Mapping[str, Array], x: Any
+    fn: Callable[..., Any],
+    params: Any,
+    values: Mapping[str, Array],
+    x: Any,
+    observed: Collection[str] = (),
 ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Callable]]:
-    """Shapes of every node's prediction and the custom energies, from a trace.
+    """Shapes and dtypes of every node's state and the custom energies, from a trace.
 
-    Also validates `values` against the nodes (unknown names, shapes), as `run_tagged` does.
+    Also validates `values` against the nodes: unknown names; the shape and dtype of the free
+    states (the values not named in `observed`); the shape of the observed values, whose dtype
+    is cast where they are used (`pcjax._harvest.check_states`).
     """
-    hook = _DtypeHook()
-    token = _active_hook.set(hook)
-    try:
-        shapes, energies, _ = tagged_nodes(fn, values, record_dtype=lambda: _state_dtype(hook))(
-            params, x
-        )
-        if not shapes:
-            raise ValueError(NO_NODE)
-    finally:
-        _active_hook.reset(token)
+    shapes, energies, _ = tagged_nodes(fn, values, observed=observed)(params, x)
+    if not shapes:
+        raise ValueError(NO_NODE)
     return shapes, energies
 
 
@@ -249,6 +226,11 @@ def mixed_precision(
     where the function uses it. Parameter gradients arrive in the parameters' own dtype (keep
     float32 master parameters). Outside pcjax it is `fn` on cast inputs.
 
+    The state dtype travels in the traced program (the cast inputs pass through a marker
+    primitive), not in a Python side effect, so the returned function may itself sit behind
+    `jax.jit`, `eqx.filter_jit` or `jax.checkpoint` with a warm cache. A function containing
+    a `mixed_precision` call records every floating-point node in `state_dtype`.
+
         net = pcjax.mixed_precision(my_net)            # bfloat16 matmuls, float32 states
         step = pcjax.make_train_step(net, pcjax.Equilibrium(pcjax.GradientDescent(8)), optimizer)
     """
@@ -264,9 +246,9 @@ def mixed_precision(
         )
 
     def wrapped(params: Any, x: Any) -> Any:
-        hook = _active_hook.get()
-        if hook is not None:
-            hook.dtypes = (compute_dtype, state_dtype)
-        return fn(cast(params), cast(x))
+        # The marker puts the state dtype into the traced program itself, where pcjax reads it
+        # (`pcjax._harvest.mixed_p`), so it survives jit / checkpoint caches around this call.
+        params, x = mark_state_dtype((cast(params), cast(x)), state_dtype)
+        return fn(params, x)
 
     return wrapped

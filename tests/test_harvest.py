@@ -19,7 +19,7 @@ import pytest
 from conftest import rel_error, trees_equal
 from jax import lax
 
-from pcjax._harvest import harvest, tag, tagged_nodes
+from pcjax._harvest import harvest, mark_state_dtype, tag, tagged_nodes
 
 B, T, N_IN, H, N_OUT = 2, 3, 4, 5, 3  # batch, steps, input, hidden, output
 
@@ -497,21 +497,21 @@ def test_custom_jvp_without_nodes_keeps_its_rule():
     assert trees_equal(jax.grad(total)(x), jnp.full(3, 6.0))  # 2 * 3 (the rule), not 2 * 1
 
 
-def test_mixed_precision_record_dtype():
+def test_mixed_precision_marker_sets_the_state_dtype():
     params, x, _, states = _mlp_problem(jnp.float32)
 
     def bf16_mlp(params, x):
         cast = functools.partial(jax.tree.map, lambda a: a.astype(jnp.bfloat16))
-        return _mlp_batch(cast(params), cast(x))
+        # The marker puts the state dtype in the traced program (how pcjax.mixed_precision does).
+        return _mlp_batch(*mark_state_dtype((cast(params), cast(x)), jnp.float32))
 
-    # record_dtype as a hook called after tracing (how a mixed-precision wrapper can set it).
-    hook = lambda: jnp.float32  # noqa: E731
-    _, predictions = jax.jit(harvest(bf16_mlp, record_dtype=hook))(states, params, x)
+    _, predictions = jax.jit(harvest(bf16_mlp))(states, params, x)
     low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (params, states, x))
     expected = jax.jit(lambda *a: jax.tree.map(lambda m: m.astype(jnp.float32), _mlp_by_hand(*a)))
     assert trees_equal(predictions, expected(*low))
+    # Given which values are observed, the free states must have the state dtype.
     with pytest.raises(ValueError, match=r"'h0' has shape \(8, 5\) and dtype bfloat16"):
-        harvest(bf16_mlp, record_dtype=jnp.float32)(low[1], params, x)
+        harvest(bf16_mlp)(low[1], params, x, observed=())
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +581,7 @@ def test_bad_states_raise():
     with pytest.raises(ValueError, match=per_step):
         harvest(_rnn_scan)({**good, "h": jnp.zeros((B, H))}, params, xs)
     with pytest.raises(ValueError, match=r"'y' .* int32, but .* \(2, 3\) and dtype float32; use"):
-        harvest(_rnn_scan)({**good, "y": jnp.zeros((B, N_OUT), jnp.int32)}, params, xs)
+        # A free state (observed=(): no value is observed) must have the prediction's dtype.
+        harvest(_rnn_scan)({**good, "y": jnp.zeros((B, N_OUT), jnp.int32)}, params, xs, observed=())
     with pytest.raises(TypeError, match="`values` must map node names to states, got list"):
         harvest(_rnn_scan)([1.0], params, xs)
