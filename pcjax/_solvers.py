@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._cg import conjugate_gradients
 from ._energy import batch_size
 
 Array = jax.Array
@@ -501,34 +502,6 @@ def _sample_axis_of(name: str, leaf: Array, sample_axes: Mapping[str, int] | Non
     return axis
 
 
-def _dots(a: Nodes, b: Nodes, axes: Mapping[str, int] | None) -> Array:
-    r"""Inner products $\langle a, b \rangle$: one per sample along `axes` (shape
-    `(samples,)`), or one over everything when `axes` is None (shape `(1,)`). Accumulated in
-    at least float32, so that low-precision states do not round the step lengths."""
-    total = 0.0
-    for name, leaf in a.items():
-        wide = jnp.promote_types(leaf.dtype, jnp.float32)
-        product = leaf.astype(wide) * b[name].astype(wide)
-        if axes is None:
-            total = total + jnp.sum(product).reshape(1)
-        else:
-            product = jnp.moveaxis(product, axes[name], 0)
-            total = total + product.reshape(product.shape[0], -1).sum(axis=1)
-    return total
-
-
-def _axpy(c: Array, x: Nodes, y: Nodes, axes: Mapping[str, int] | None) -> Nodes:
-    r"""$y + c\,x$, with `c` one scalar per sample (as `_dots` returns them)."""
-    out = {}
-    for name, leaf in x.items():
-        shape = [1] * leaf.ndim
-        if axes is not None:
-            shape[axes[name]] = c.shape[0]
-        scale = c.reshape(shape) if axes is not None else c[0]
-        out[name] = y[name] + (scale * leaf).astype(leaf.dtype)
-    return out
-
-
 class ConjugateGradient(AbstractSolver):
     r"""Newton-CG on the states: conjugate gradients on the energy's local quadratic model.
 
@@ -639,32 +612,22 @@ class ConjugateGradient(AbstractSolver):
     ) -> tuple[Nodes, Array]:
         """(`states` + the CG approximation of the Newton step, the energy at `states`)."""
         (value, grads), tangent = jax.linearize(field, states)
-        # Without `tol` a CG runs every iteration; NaN compares False, so it stops then too.
-        tol = -1.0 if self.tol is None else self.tol
+        names = list(states)
+        # Without `tol` a CG runs every iteration (a negative bound never stops it; NaN
+        # compares False, so it stops then too).
+        bound = -1.0 if self.tol is None else jnp.square(self.tol)
 
-        def safe_ratio(num: Array, den: Array, active: Array) -> Array:
-            # num / den where active, 0 elsewhere (the inner where keeps 0/0 out of gradients)
-            return jnp.where(active, num / jnp.where(active, den, 1), 0)
+        def matvec(direction: list[Array]) -> list[Array]:
+            hp = tangent(dict(zip(names, direction)))[1]
+            return [hp[name] for name in names]
 
-        def iteration(carry, _):
-            delta, residual, direction, rr, active = carry
-            hp = tangent(direction)[1]
-            curvature = _dots(direction, hp, axes)
-            active = active & (curvature > 0)  # non-positive curvature: keep the step so far
-            alpha = safe_ratio(rr, curvature, active)
-            delta = _axpy(alpha, direction, delta, axes)
-            residual = _axpy(-alpha, hp, residual, axes)
-            rr_next = _dots(residual, residual, axes)
-            beta = safe_ratio(rr_next, rr, active)
-            direction = _axpy(beta, direction, residual, axes)
-            # Stop at tol, and at an exact solve (rr_next = 0 would make the next beta 0/0).
-            active = active & (jnp.sqrt(rr_next) > tol) & (rr_next > 0)
-            return (delta, residual, direction, jnp.where(active, rr_next, rr), active), None
-
-        residual = jax.tree.map(jnp.negative, grads)  # r = -g - H delta, at delta = 0
-        rr = _dots(residual, residual, axes)
-        delta = jax.tree.map(jnp.zeros_like, states)
-        carry = (delta, residual, residual, rr, (jnp.sqrt(rr) > tol) & (rr > 0))
-        unroll = scan_unroll(self.steps, self.unroll)
-        (delta, *_), _ = jax.lax.scan(iteration, carry, None, length=self.steps, unroll=unroll)
-        return jax.tree.map(operator.add, states, delta), value
+        rhs = [-grads[name] for name in names]  # r = -g - H delta, at delta = 0
+        delta, _, _ = conjugate_gradients(
+            matvec,
+            rhs,
+            self.steps,
+            bound,
+            axes=None if axes is None else [axes[name] for name in names],
+            unroll=scan_unroll(self.steps, self.unroll),
+        )
+        return {name: states[name] + d for name, d in zip(names, delta)}, value
