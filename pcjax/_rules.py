@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._energy import Precision, batch_size, checked_values
+from ._energy import Precision, checked_values
 from ._models import (
     Bidirectional,
     Context,
@@ -51,11 +51,14 @@ from ._solvers import (
     DIVERGED_MESSAGE,
     AbstractSolver,
     InferInfo,
+    check_descends,
+    check_key,
     check_solver_fits,
     check_steps,
     per_sample_grad_norm,
     real,
     rose,
+    sample_axes,
     scan_unroll,
 )
 from ._tagging import Nodes, forward_init, scan_depths
@@ -275,6 +278,8 @@ class Incremental(AbstractRule):
                 "pcjax.Incremental: `optimizer` (of the states) must be an optax "
                 f"GradientTransformation, got {type(optimizer).__name__}."
             )
+        else:
+            check_descends(optimizer, "pcjax.Incremental")
         scan_unroll(self.steps, unroll)
         self.optimizer, self.unroll = optimizer, unroll
 
@@ -416,9 +421,13 @@ def make_train_step(
     - `precision`: the node precisions (see `pcjax.energy`); a function of the parameters
       (`lambda p: p["precision"]`) makes them learned by `optimizer` with the rest.
     - `mean_over_batch`: divide the parameter gradient (a sum over the batch) by the batch
-      size, the axis of the observed nodes after any stacked scan axes, so that the learning
-      rate does not depend on it.
-    - `throw`: raise at run time (`eqx.error_if`) when the energy diverges.
+      size, so that the learning rate does not depend on it: the axis the nodes share after
+      any stacked scan axes (`pcjax._solvers.sample_axes`); a per-example step under
+      `jax.vmap`, whose nodes have no batch axis, is one sample.
+    - `throw`: raise at run time (`eqx.error_if`) when the energy diverges: an
+      `equinox.EquinoxRuntimeError` with the message eagerly or under `eqx.filter_jit`; under
+      plain `jax.jit` a `JaxRuntimeError` "INTERNAL: CpuCallback error" that holds the message
+      in a traceback (see `pcjax._solvers`).
 
     The step starts the free states (every tagged node not in `observed`) at the feedforward
     pass. It is a pure function: jit it with `eqx.filter_jit` (or `jax.jit`), and wrap it in
@@ -460,12 +469,13 @@ def make_train_step(
                 f"{type(observed).__name__}."
             )
         observed = dict(observed)
+        key = check_key(key, "pcjax.make_train_step's step")
         feedforward = forward_init(model.fn, params, x)
         free = {k: v for k, v in feedforward.items() if k not in observed}
         _, spec = checked_values(model.fn, params, free, x, observed, precision)
-        depths = scan_depths(model.fn, params, x)
-        problem = Problem(model, x, observed, spec, precision, depths, feedforward)
-        scale = 1.0 / batch_size(observed, depths) if mean_over_batch else 1.0
+        layout = sample_axes({**feedforward, **observed}, scan_depths(model.fn, params, x))
+        problem = Problem(model, x, observed, spec, precision, layout, feedforward)
+        scale = 1.0 / layout.size if mean_over_batch else 1.0
 
         def apply(params, opt_state, grads, states):
             grads = jax.tree.map(lambda g: g * scale, grads)
