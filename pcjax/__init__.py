@@ -5,6 +5,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 """
 
 from . import nn
+from ._certificate import EquilibriumGap, equilibrium_gap
 from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from ._energy import cross_entropy, energy, prediction_errors
 from ._inference import infer
@@ -56,6 +57,7 @@ __all__ = [
     "Context",
     "DiagonalPrecision",
     "Equilibrium",
+    "EquilibriumGap",
     "FisherOperator",
     "FullPrecision",
     "GradientDescent",
@@ -75,6 +77,7 @@ __all__ = [
     "data_mesh",
     "dense",
     "energy",
+    "equilibrium_gap",
     "error_moments",
     "error_parameterised",
     "fisher_mask",

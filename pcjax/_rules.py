@@ -49,14 +49,16 @@ from ._models import (
 from ._nudging import MODES, nudged_gradients
 from ._solvers import (
     DIVERGED_MESSAGE,
+    RELATIVE_TOL,
     AbstractSolver,
     InferInfo,
     check_descends,
     check_key,
     check_solver_fits,
     check_steps,
-    per_sample_grad_norm,
+    per_sample_norms,
     real,
+    relative_norms,
     rose,
     sample_axes,
     scan_unroll,
@@ -85,6 +87,10 @@ class TrainInfo(NamedTuple):
       descended, at its start, and whether it ended above it (a finite run whose steps are
       too large; iPC: the energy of its first and last joint steps; nudging: the nudged
       energy, of either relaxation).
+    - `relative_grad_norm`, `initial_grad_norm`: the equilibrium certificate, as in
+      `pcjax.InferInfo` (iPC: the field of its last joint step relative to its first).
+    - `skipped`: under `pcjax.guarded`, 1 if this step's update was not applied (non-finite),
+      else 0; sum it over a run to count the skipped steps.
     """
 
     energy: Array
@@ -95,6 +101,9 @@ class TrainInfo(NamedTuple):
     evaluations: Array | None = None
     initial_energy: Array | None = None
     energy_rose: Array | None = None
+    relative_grad_norm: Array | None = None
+    initial_grad_norm: Array | None = None
+    skipped: Array | None = None
 
 
 class Problem(NamedTuple):
@@ -308,20 +317,32 @@ class Incremental(AbstractRule):
                 variables,
                 state_opt_state,
             )
-            norm = per_sample_grad_norm(field, problem.sample_axes)
-            return carry, (value, norm)
+            return carry, (value, per_sample_norms(field, problem.sample_axes))
 
         start = model.to_variables(params, x, observed, problem.free(problem.feedforward))
         init = (diff, opt_state, start, state_opt.init(start))
         (diff, opt_state, _, _), (values, norms) = jax.lax.scan(
             body, init, jnp.arange(self.steps), unroll=scan_unroll(self.steps, self.unroll)
         )
-        value, norm = values[-1], norms[-1]
+        # The field before the last update (iPC moves states and parameters together).
+        value, norm = values[-1], jnp.max(norms[-1])
         diverged = ~jnp.isfinite(value) | ~jnp.isfinite(norm)
         steps = jnp.asarray(self.steps, jnp.int32)
         initial = values[0]
+        relative = relative_norms(norms[-1], norms[0])
+        converged = (relative <= RELATIVE_TOL) & ~diverged
         info = InferInfo(
-            value, diverged, steps, None, norm, ~diverged, steps, initial, rose(initial, value)
+            value,
+            diverged,
+            steps,
+            None,
+            norm,
+            converged,
+            steps,
+            initial,
+            rose(initial, value),
+            relative,
+            jnp.max(norms[0]),
         )
         return eqx.combine(diff, static), opt_state, info
 
@@ -502,6 +523,9 @@ def make_train_step(
                 info.evaluations,
                 info.initial_energy,
                 info.energy_rose,
+                info.relative_grad_norm,
+                info.initial_grad_norm,
+                jnp.asarray(0, jnp.int32),
             ),
         )
 
@@ -517,7 +541,11 @@ def guarded(step: Callable[..., tuple[Any, Any, TrainInfo]]) -> Callable[..., An
         new_params, new_state, info = step(params, opt_state, *args, **kwargs)
         diverged = info.diverged | ~_all_finite((new_params, new_state))
         params, opt_state = _select(diverged, (params, opt_state), (new_params, new_state))
-        return params, opt_state, info._replace(diverged=diverged)
+        return (
+            params,
+            opt_state,
+            info._replace(diverged=diverged, skipped=diverged.astype(jnp.int32)),
+        )
 
     return guarded_step
 

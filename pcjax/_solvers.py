@@ -68,7 +68,7 @@ NOT_CONVERGED_MESSAGE = (
 
 
 class InferInfo(NamedTuple):
-    """What inference reports besides the relaxed states.
+    r"""What inference reports besides the relaxed states.
 
     - `energy`: the energy at the returned states.
     - `diverged`: True if the energy or the state gradient at the returned states is non-finite
@@ -78,8 +78,9 @@ class InferInfo(NamedTuple):
     - `energies`: with `GradientDescent(record_energy=True)`, the energy before each update,
       shape `(steps,)` (NaN after an early stop); otherwise None.
     - `grad_norm`: the largest per-sample norm of the state field at the returned states.
-    - `converged`: with a `tol`, whether `grad_norm <= tol`; without one (a fixed number of
-      steps asks for no criterion), whether the run did not diverge.
+    - `converged`: with a `tol`, whether `grad_norm <= tol`; without one, whether
+      `relative_grad_norm <= 1e-3` (`RELATIVE_TOL`: every sample's field fell to a thousandth
+      of its start); never True for a diverged run.
     - `evaluations`: how many times the state field (a forward and backward pass) was
       evaluated, the final evaluation included (`ConjugateGradient` counts each
       Hessian-vector product as one).
@@ -88,6 +89,13 @@ class InferInfo(NamedTuple):
       1e-5): the steps are too large for the landscape. Such a run can stay finite, so
       `diverged` does not catch it (measured: heavy-ball momentum 0.9 with state step 0.9 on a
       trained 128-block residual network left the energy 600-1000 times its start).
+    - `relative_grad_norm`: the equilibrium certificate, comparable across models:
+      $\\max_n \\lVert g_n(x_\text{end}) \rVert / \\lVert g_n(x_\text{start}) \rVert$ over
+      the samples $n$, $g = \\partial F / \\partial x$ (1 at step 0; a sample whose start field
+      is exactly 0 is at equilibrium and counts 0). For smooth networks a small value means
+      the states are near a stationary point; for non-smooth ones (ReLU, max pooling) the field
+      need not vanish at the minimum: use `pcjax.equilibrium_gap`.
+    - `initial_grad_norm`: the largest per-sample field norm at the start.
     """
 
     energy: Array
@@ -99,6 +107,8 @@ class InferInfo(NamedTuple):
     evaluations: Array | None = None
     initial_energy: Array | None = None
     energy_rose: Array | None = None
+    relative_grad_norm: Array | None = None
+    initial_grad_norm: Array | None = None
 
 
 class SampleAxes(dict):
@@ -311,6 +321,28 @@ def scan_unroll(steps: int, unroll: int | bool | None) -> int | bool:
     raise ValueError(f"pcjax: `unroll` must be None, a bool or a positive int, got {unroll!r}.")
 
 
+#: `converged` without a `tol`: the field's per-sample norm fell to this fraction of its start.
+RELATIVE_TOL = 1e-3
+
+
+class Start(NamedTuple):
+    """What a solver's `run` reports about its starting point: the energy there and each
+    sample's field norm (`per_sample_norms`)."""
+
+    energy: Array
+    norms: Array
+
+
+def relative_norms(end: Array, start: Array) -> Array:
+    r"""$\max_n \lVert g_n(\text{end}) \rVert / \lVert g_n(\text{start}) \rVert$: how far
+    the states are from equilibrium relative to where they began. A sample whose start field is
+    exactly 0 started at equilibrium: its ratio is 0 if its end field is 0 too, inf otherwise."""
+    ratio = jnp.where(
+        start > 0, end / jnp.where(start > 0, start, 1), jnp.where(end > 0, jnp.inf, 0)
+    )
+    return jnp.max(ratio)
+
+
 class AbstractSolver(eqx.Module):
     """An inference solver. `run` integrates a state field; `report` turns the final field
     evaluation into an `InferInfo`, raising when `throw` is set."""
@@ -344,10 +376,21 @@ class AbstractSolver(eqx.Module):
         initial_energy: Array,
         sample_axes: Mapping[str, int] | None,
     ) -> tuple[Nodes, InferInfo]:
-        """The `InferInfo` of `states`, given the field `(value, grads)` there."""
-        norm = per_sample_grad_norm(grads, sample_axes)
+        """The `InferInfo` of `states`, given the field `(value, grads)` there; `initial_energy`
+        is a `Start` (or the energy alone, without the relative norm)."""
+        norms = per_sample_norms(grads, sample_axes)
+        norm = jnp.max(norms)
+        relative = start_norm = None
+        if isinstance(initial_energy, Start):
+            initial_energy, start_norms = initial_energy
+            relative, start_norm = relative_norms(norms, start_norms), jnp.max(start_norms)
         diverged = ~jnp.isfinite(value) | ~jnp.isfinite(norm)
-        converged = ~diverged if self.tol is None else (norm <= self.tol) & ~diverged
+        if self.tol is not None:
+            converged = (norm <= self.tol) & ~diverged
+        elif relative is not None:
+            converged = (relative <= RELATIVE_TOL) & ~diverged
+        else:
+            converged = jnp.asarray(False)
         if self.throw:
             states = eqx.error_if(states, diverged, DIVERGED_MESSAGE)
             if self.tol is not None:
@@ -362,6 +405,8 @@ class AbstractSolver(eqx.Module):
             evaluations + 1,
             initial_energy,
             rose(initial_energy, value),
+            relative,
+            start_norm,
         )
         return states, info
 
@@ -456,24 +501,30 @@ class GradientDescent(AbstractSolver):
 
         steps, record = self.steps, self.record_energy
         if self.tol is None:
+            layout = resolve_sample_axes(states, sample_axes)
 
             def body(carry, i):
-                states, opt_state = carry
+                states, opt_state, start_norms = carry
                 value, grads = field(states)
-                return update(i, states, opt_state, grads), value
+                norms = per_sample_norms(grads, layout)
+                start_norms = jnp.where(i == 0, norms, start_norms)
+                return (*update(i, states, opt_state, grads), start_norms), value
 
             # The energy before each update (one scalar a step): the first is the start's.
-            (states, _), energies = jax.lax.scan(
-                body, (states, opt_state), jnp.arange(steps), unroll=scan_unroll(steps, self.unroll)
+            wide = jnp.promote_types(jnp.result_type(*states.values()), jnp.float32)
+            init = (states, opt_state, jnp.zeros((layout.size,), wide))
+            (states, _, start_norms), energies = jax.lax.scan(
+                body, init, jnp.arange(steps), unroll=scan_unroll(steps, self.unroll)
             )
             count = jnp.asarray(steps, jnp.int32)
-            return states, count, count, energies if record else None, energies[0]
+            start = Start(energies[0], start_norms)
+            return states, count, count, energies if record else None, start
 
         value, grads = field(states)
-        initial = value
         energies = jnp.full((steps,), jnp.nan, value.dtype) if record else None
         layout = resolve_sample_axes(states, sample_axes)
-        active = per_sample_norms(grads, layout) > self.tol
+        initial = Start(value, per_sample_norms(grads, layout))
+        active = initial.norms > self.tol
         init = (jnp.asarray(0, jnp.int32), states, opt_state, value, grads, active, energies)
 
         def cond(carry):
@@ -633,7 +684,8 @@ class ODE(AbstractSolver):
         def flow(t, y, args):
             return jax.tree.map(jnp.negative, field(y)[1])
 
-        initial = field(states)[0]  # one evaluation, counted below
+        value, grads = field(states)  # one evaluation, counted below
+        initial = Start(value, per_sample_norms(grads, sample_axes))
         event = None
         if self.tol is not None:
 
@@ -774,19 +826,26 @@ class ConjugateGradient(AbstractSolver):
         del key  # deterministic
         axes = _per_sample_axes(states, sample_axes) if self.per_sample else None
 
+        layout = resolve_sample_axes(states, sample_axes)
+
         def newton_round(states, _):
-            return self._newton_round(field, states, axes)
+            return self._newton_round(field, states, axes, layout)
 
         # Each round reports the energy at its start: the first is the run's initial energy.
         states, starts = jax.lax.scan(newton_round, states, None, length=self.newton_steps)
         count = jnp.asarray(self.steps * self.newton_steps, jnp.int32)
         evaluations = jnp.asarray((self.steps + 1) * self.newton_steps, jnp.int32)
-        return states, count, evaluations, None, starts[0]
+        return states, count, evaluations, None, Start(starts[0][0], starts[1][0])
 
     def _newton_round(
-        self, field: StateField, states: Nodes, axes: Mapping[str, int] | None
-    ) -> tuple[Nodes, Array]:
-        """(`states` + the CG approximation of the Newton step, the energy at `states`)."""
+        self,
+        field: StateField,
+        states: Nodes,
+        axes: Mapping[str, int] | None,
+        layout: SampleAxes,
+    ) -> tuple[Nodes, tuple[Array, Array]]:
+        """(`states` + the CG approximation of the Newton step, (the energy and the per-sample
+        field norms at `states`))."""
         (value, grads), tangent = jax.linearize(field, states)
         names = list(states)
         # Without `tol` a CG runs every iteration (a negative bound never stops it; NaN
@@ -806,4 +865,5 @@ class ConjugateGradient(AbstractSolver):
             axes=None if axes is None else [axes[name] for name in names],
             unroll=scan_unroll(self.steps, self.unroll),
         )
-        return {name: states[name] + d for name, d in zip(names, delta)}, value
+        moved = {name: states[name] + d for name, d in zip(names, delta)}
+        return moved, (value, per_sample_norms(grads, layout))

@@ -213,3 +213,80 @@ def test_throw_message_reaches_the_user_under_filter_jit(data):
 
     with pytest.raises(eqx.EquinoxRuntimeError, match="before every sample's state gradient"):
         jax.block_until_ready(run(params, x, y))
+
+
+# ---------------------------------------------------------------- issue 28: the certificate
+
+
+def test_relative_grad_norm_is_one_at_step_zero_and_matches_a_hand_computation(data):
+    params, x, y = data
+    field = jax.vmap(jax.grad(hand_energy, argnums=1), in_axes=(None, 0, 0, 0))
+    start = field(params, x @ params["w1"], x, y)
+    for steps in (1, 3):
+        _, info = relax_batch(params, x, y, pc.GradientDescent(steps, step_size=STATE_STEP))
+        end = field(params, jax.vmap(hand_relaxed, (None, 0, 0, None))(params, x, y, steps), x, y)
+        ratio = jnp.max(jnp.linalg.norm(end, axis=1) / jnp.linalg.norm(start, axis=1))
+        np.testing.assert_allclose(info.relative_grad_norm, ratio, rtol=1e-4)
+        np.testing.assert_allclose(
+            info.initial_grad_norm, jnp.max(jnp.linalg.norm(start, axis=1)), rtol=1e-5
+        )
+        # far from equilibrium after a few steps: not converged without a tol (it was True)
+        assert float(info.relative_grad_norm) > 0.1 and not bool(info.converged)
+    # step 0 itself: the relaxed states are the start (a tiny step), ratio 1
+    _, info = relax_batch(params, x, y, pc.GradientDescent(1, step_size=1e-9))
+    np.testing.assert_allclose(info.relative_grad_norm, 1.0, rtol=1e-4)
+    _, info = relax_batch(params, x, y, pc.GradientDescent(400, step_size=STATE_STEP))
+    assert bool(info.converged) and float(info.relative_grad_norm) <= 1e-3
+
+
+def test_a_sample_that_starts_at_equilibrium_counts_zero(data):
+    params, x, _ = data
+    y0 = jnp.tanh(x @ params["w1"]) @ params["w2"]  # the feedforward pass is exact: field 0
+    _, info = relax_batch(params, x, y0, pc.GradientDescent(2, step_size=STATE_STEP))
+    assert float(info.initial_grad_norm) == 0.0 and float(info.relative_grad_norm) == 0.0
+    assert bool(info.converged)
+
+
+P_Y = 2.0
+
+
+def linear_gaussian(params, x):
+    z = pc.node("z", params["m"] + 0.0 * x)
+    return pc.node("y", z @ params["w"])
+
+
+def test_equilibrium_gap_against_the_closed_form_equilibrium():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    params = {"m": jax.random.normal(k1, (3,)), "w": jax.random.normal(k2, (3, 2)) / 2}
+    x, y = jnp.zeros((4, 1)), jax.random.normal(k3, (4, 2))
+    w = np.asarray(params["w"], np.float64)
+    lhs = np.eye(3) + P_Y * w @ w.T  # dense solve of the posterior mode, per sample
+    rhs = np.asarray(params["m"])[None] + P_Y * np.asarray(y, np.float64) @ w.T
+    z_star = jnp.asarray(np.linalg.solve(lhs, rhs.T).T, jnp.float32)
+
+    def hand_grads(z):  # dF/d(m, w), written out
+        def f(p):
+            return 0.5 * jnp.sum((z - p["m"]) ** 2) + 0.5 * P_Y * jnp.sum((y - z @ p["w"]) ** 2)
+
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(jax.grad(f)(params))])
+
+    one_step, _ = pc.infer(
+        linear_gaussian, params, {"z": jnp.zeros((4, 3))}, x, {"y": y},
+        solver=pc.GradientDescent(1, step_size=0.1), precision={"y": P_Y},
+    )  # fmt: skip
+    gap = pc.equilibrium_gap(
+        linear_gaussian, params, one_step, x, {"y": y}, precision={"y": P_Y},
+        reference=pc.GradientDescent(300, step_size=0.2),
+    )  # fmt: skip
+    truth = jnp.linalg.norm(hand_grads(one_step["z"]) - hand_grads(z_star)) / jnp.linalg.norm(
+        hand_grads(z_star)
+    )
+    assert float(truth) > 0.3  # one step is far from equilibrium (measured 0.8)
+    np.testing.assert_allclose(gap.gap, truth, rtol=1e-3)
+    assert float(gap.energy_gap) > 0 and bool(gap.reference.converged)
+    np.testing.assert_allclose(gap.reference_states["z"], z_star, atol=1e-5)
+    at_mode = pc.equilibrium_gap(
+        linear_gaussian, params, {"z": z_star}, x, {"y": y}, precision={"y": P_Y},
+        reference=pc.GradientDescent(300, step_size=0.2),
+    )  # fmt: skip
+    assert float(at_mode.gap) < 1e-5
