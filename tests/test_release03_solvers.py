@@ -290,3 +290,21 @@ def test_equilibrium_gap_against_the_closed_form_equilibrium():
         reference=pc.GradientDescent(300, step_size=0.2),
     )  # fmt: skip
     assert float(at_mode.gap) < 1e-5
+
+
+def test_guarded_reports_a_skipped_step(data):
+    params, x, y = data
+    opt = optax.sgd(LR)
+    good = pc.guarded(
+        pc.make_train_step(
+            two_layer, pc.Equilibrium(pc.GradientDescent(2, step_size=STATE_STEP)), opt
+        )
+    )
+    bad = pc.guarded(
+        pc.make_train_step(two_layer, pc.Equilibrium(pc.GradientDescent(60, step_size=50.0)), opt)
+    )
+    kept, _, info = bad(params, opt.init(params), x, {"y": y})
+    assert int(info.skipped) == 1 and bool(info.diverged)
+    np.testing.assert_array_equal(kept["w1"], params["w1"])  # the update was not applied
+    _, _, info = good(params, opt.init(params), x, {"y": y})
+    assert int(info.skipped) == 0
