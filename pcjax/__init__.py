@@ -5,6 +5,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 """
 
 from . import nn
+from ._certificate import EquilibriumGap, equilibrium_gap
 from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from ._energy import cross_entropy
 from ._inference import infer
@@ -59,6 +60,7 @@ __all__ = [
     "Context",
     "DiagonalPrecision",
     "Equilibrium",
+    "EquilibriumGap",
     "FisherOperator",
     "FullPrecision",
     "GradientDescent",
@@ -78,6 +80,7 @@ __all__ = [
     "data_mesh",
     "dense",
     "energy",
+    "equilibrium_gap",
     "error_moments",
     "error_parameterised",
     "fisher_mask",

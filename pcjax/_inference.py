@@ -19,7 +19,7 @@ import jax
 from ._energy import Precision, checked_values, node_dicts
 from ._harvest import traces_once
 from ._models import EnergyModel, as_model
-from ._solvers import AbstractSolver, InferInfo, check_solver_fits
+from ._solvers import AbstractSolver, InferInfo, check_solver_fits, sample_axes
 from ._tagging import Nodes, scan_depths
 
 Array = jax.Array
@@ -79,9 +79,9 @@ def infer(
     _, spec = checked_values(model.fn, params, states, x, observed, precision)
     field = model.field(params, x, observed, spec)
     variables = model.to_variables(params, x, observed, states)
-    depths = scan_depths(model.fn, params, x)
-    check_solver_fits(solver, model, "pcjax.infer", {**states, **observed}, depths)
-    variables, info = run_solver(solver, field, variables, key, depths)
+    layout = sample_axes({**states, **observed}, scan_depths(model.fn, params, x))
+    check_solver_fits(solver, model, "pcjax.infer", {**states, **observed}, layout)
+    variables, info = run_solver(solver, field, variables, key, layout)
     return model.to_states(params, x, observed, variables), info
 
 

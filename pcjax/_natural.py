@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._cg import conjugate_gradients, dots
 from ._checks import concrete_value
 from ._dense import dense_inputs, dense_sites
 from ._energy import CustomEnergy, Precision, batch_size, checked_values, in_graph_nodes
@@ -779,36 +780,14 @@ def _conjugate_gradients(
     $\lVert r \rVert \le \text{tol} \lVert b \rVert$ or `maxiter` iterations; returns $u$,
     the iterations made and the relative residual $\lVert r \rVert / \lVert b \rVert$.
 
-    Written out (rather than `jax.scipy.sparse.linalg.cg`, whose `custom_linear_solve` marks the
-    solution device-varying inside `shard_map` when `matvec` closes over device-varying
-    values) so that a replicated right-hand side and operator give a replicated solution.
+    pcjax's one CG (`pcjax._cg`), written out rather than `jax.scipy.sparse.linalg.cg`, whose
+    `custom_linear_solve` marks the solution device-varying inside `shard_map` when `matvec`
+    closes over device-varying values: a replicated right-hand side and operator give a
+    replicated solution.
     """
-
-    def dot(u, v):
-        return sum(jnp.vdot(a, c) for a, c in zip(u, v))
-
-    def axpy(alpha, u, v):  # alpha u + v
-        return [alpha * a + c for a, c in zip(u, v)]
-
-    bound = tol**2 * dot(b, b)
-
-    def condition(carry):
-        _, _, _, rr, k = carry
-        return (k < maxiter) & (rr > bound)
-
-    def body(carry):
-        u, r, p, rr, k = carry
-        mp = matvec(p)
-        alpha = rr / dot(p, mp)
-        u, r = axpy(alpha, p, u), axpy(-alpha, mp, r)
-        rr_new = dot(r, r)
-        return u, r, axpy(rr_new / rr, p, r), rr_new, k + 1
-
-    zeros = [jnp.zeros_like(a) for a in b]
-    bb = dot(b, b)
-    start = (zeros, b, b, bb, jnp.zeros((), jnp.int32))
-    u, _, _, rr, k = jax.lax.while_loop(condition, body, start)
-    return u, k, jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0))
+    bb = dots(b, b, None)[0]
+    u, k, rr = conjugate_gradients(matvec, b, maxiter, tol**2 * bb, early_stop=True)
+    return u, k, jnp.sqrt(rr[0] / jnp.where(bb > 0, bb, 1.0))
 
 
 class PrecisionWeightedState(NamedTuple):

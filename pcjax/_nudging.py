@@ -150,4 +150,6 @@ def _combine(plus: InferInfo, minus: InferInfo, own: Array) -> InferInfo:
         plus.evaluations + minus.evaluations,
         plus.initial_energy,
         plus.energy_rose | minus.energy_rose,
+        jnp.maximum(plus.relative_grad_norm, minus.relative_grad_norm),
+        jnp.maximum(plus.initial_grad_norm, minus.initial_grad_norm),
     )

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from ._checks import check_no_python_floats, check_optimizer_state
-from ._energy import Precision, batch_size, checked_values
+from ._energy import Precision, checked_values
 from ._harvest import traces_once
 from ._models import (
     Bidirectional,
@@ -51,13 +51,18 @@ from ._models import (
 from ._nudging import MODES, nudged_gradients
 from ._solvers import (
     DIVERGED_MESSAGE,
+    RELATIVE_TOL,
     AbstractSolver,
     InferInfo,
+    check_descends,
+    check_key,
     check_solver_fits,
     check_steps,
-    per_sample_grad_norm,
+    per_sample_norms,
     real,
+    relative_norms,
     rose,
+    sample_axes,
     scan_unroll,
 )
 from ._tagging import Nodes, forward_init, scan_depths
@@ -84,6 +89,10 @@ class TrainInfo(NamedTuple):
       descended, at its start, and whether it ended above it (a finite run whose steps are
       too large; iPC: the energy of its first and last joint steps; nudging: the nudged
       energy, of either relaxation).
+    - `relative_grad_norm`, `initial_grad_norm`: the equilibrium certificate, as in
+      `pcjax.InferInfo` (iPC: the field of its last joint step relative to its first).
+    - `skipped`: under `pcjax.guarded`, 1 if this step's update was not applied (non-finite),
+      else 0; sum it over a run to count the skipped steps.
     """
 
     energy: Array
@@ -94,6 +103,9 @@ class TrainInfo(NamedTuple):
     evaluations: Array | None = None
     initial_energy: Array | None = None
     energy_rose: Array | None = None
+    relative_grad_norm: Array | None = None
+    initial_grad_norm: Array | None = None
+    skipped: Array | None = None
 
 
 class Problem(NamedTuple):
@@ -277,6 +289,8 @@ class Incremental(AbstractRule):
                 "pcjax.Incremental: `optimizer` (of the states) must be an optax "
                 f"GradientTransformation, got {type(optimizer).__name__}."
             )
+        else:
+            check_descends(optimizer, "pcjax.Incremental")
         scan_unroll(self.steps, unroll)
         self.optimizer, self.unroll = optimizer, unroll
 
@@ -305,20 +319,32 @@ class Incremental(AbstractRule):
                 variables,
                 state_opt_state,
             )
-            norm = per_sample_grad_norm(field, problem.sample_axes)
-            return carry, (value, norm)
+            return carry, (value, per_sample_norms(field, problem.sample_axes))
 
         start = model.to_variables(params, x, observed, problem.free(problem.feedforward))
         init = (diff, opt_state, start, state_opt.init(start))
         (diff, opt_state, _, _), (values, norms) = jax.lax.scan(
             body, init, jnp.arange(self.steps), unroll=scan_unroll(self.steps, self.unroll)
         )
-        value, norm = values[-1], norms[-1]
+        # The field before the last update (iPC moves states and parameters together).
+        value, norm = values[-1], jnp.max(norms[-1])
         diverged = ~jnp.isfinite(value) | ~jnp.isfinite(norm)
         steps = jnp.asarray(self.steps, jnp.int32)
         initial = values[0]
+        relative = relative_norms(norms[-1], norms[0])
+        converged = (relative <= RELATIVE_TOL) & ~diverged
         info = InferInfo(
-            value, diverged, steps, None, norm, ~diverged, steps, initial, rose(initial, value)
+            value,
+            diverged,
+            steps,
+            None,
+            norm,
+            converged,
+            steps,
+            initial,
+            rose(initial, value),
+            relative,
+            jnp.max(norms[0]),
         )
         return eqx.combine(diff, static), opt_state, info
 
@@ -418,9 +444,13 @@ def make_train_step(
     - `precision`: the node precisions (see `pcjax.energy`); a function of the parameters
       (`lambda p: p["precision"]`) makes them learned by `optimizer` with the rest.
     - `mean_over_batch`: divide the parameter gradient (a sum over the batch) by the batch
-      size, the axis of the observed nodes after any stacked scan axes, so that the learning
-      rate does not depend on it.
-    - `throw`: raise at run time (`eqx.error_if`) when the energy diverges.
+      size, so that the learning rate does not depend on it: the axis the nodes share after
+      any stacked scan axes (`pcjax._solvers.sample_axes`); a per-example step under
+      `jax.vmap`, whose nodes have no batch axis, is one sample.
+    - `throw`: raise at run time (`eqx.error_if`) when the energy diverges: an
+      `equinox.EquinoxRuntimeError` with the message eagerly or under `eqx.filter_jit`; under
+      plain `jax.jit` a `JaxRuntimeError` "INTERNAL: CpuCallback error" that holds the message
+      in a traceback (see `pcjax._solvers`).
 
     The step starts the free states (every tagged node not in `observed`) at the feedforward
     pass. It is a pure function: jit it with `eqx.filter_jit` (or `jax.jit`), and wrap it in
@@ -461,12 +491,13 @@ def make_train_step(
                 f"{type(observed).__name__}."
             )
         observed = dict(observed)
+        key = check_key(key, "pcjax.make_train_step's step")
         feedforward = forward_init(model.fn, params, x)
         free = {k: v for k, v in feedforward.items() if k not in observed}
         _, spec = checked_values(model.fn, params, free, x, observed, precision)
-        depths = scan_depths(model.fn, params, x)
-        problem = Problem(model, x, observed, spec, precision, depths, feedforward)
-        scale = 1.0 / batch_size(observed, depths) if mean_over_batch else 1.0
+        layout = sample_axes({**feedforward, **observed}, scan_depths(model.fn, params, x))
+        problem = Problem(model, x, observed, spec, precision, layout, feedforward)
+        scale = 1.0 / layout.size if mean_over_batch else 1.0
 
         def apply(params, opt_state, grads, states):
             grads = jax.tree.map(lambda g: g * scale, grads)
@@ -493,6 +524,9 @@ def make_train_step(
                 info.evaluations,
                 info.initial_energy,
                 info.energy_rose,
+                info.relative_grad_norm,
+                info.initial_grad_norm,
+                jnp.asarray(0, jnp.int32),
             ),
         )
 
@@ -508,7 +542,11 @@ def guarded(step: Callable[..., tuple[Any, Any, TrainInfo]]) -> Callable[..., An
         new_params, new_state, info = step(params, opt_state, *args, **kwargs)
         diverged = info.diverged | ~_all_finite((new_params, new_state))
         params, opt_state = _select(diverged, (params, opt_state), (new_params, new_state))
-        return params, opt_state, info._replace(diverged=diverged)
+        return (
+            params,
+            opt_state,
+            info._replace(diverged=diverged, skipped=diverged.astype(jnp.int32)),
+        )
 
     return guarded_step
 

@@ -209,7 +209,9 @@ def test_preconditioned_fixed_predictions_reach_the_closed_form_equilibrium(data
     model = pc.preconditioned(pc.fixed_predictions(net))
     got, _, info = run(model, pc.Equilibrium(solver), optax.sgd(LR), w, x, y)
     assert bool(info.converged) and float(info.grad_norm) <= 1e-5
-    assert max_rel(moved(got, w), moved(expected, w)) < 2e-5  # measured 6.1e-6 (both)
+    # measured 6.1e-6 (both) before samples froze at their own tol (issue 29 item 6), 2.9e-5
+    # (gradient descent) since: each sample stops just below tol instead of running on
+    assert max_rel(moved(got, w), moved(expected, w)) < 6e-5
     states, _ = pc.infer(
         model, w, {"h": x @ w["w1"]}, x, {"y": y}, solver=solver, precision=PRECISION
     )

@@ -67,8 +67,10 @@ def test_the_report_is_the_field_at_the_returned_states(gaussian):
         )
 
     grads = jax.grad(energy)(states["z"])
+    # float32 rounding of a small field (norm 9e-5); measured 4.1e-5 since converged samples
+    # freeze at their own step (issue 29 item 6)
     assert float(info.grad_norm) == pytest.approx(
-        float(jnp.max(jnp.linalg.norm(grads, axis=1))), rel=1e-5
+        float(jnp.max(jnp.linalg.norm(grads, axis=1))), rel=2e-4
     )
     assert float(info.energy) == pytest.approx(float(energy(states["z"])), rel=1e-6)
     assert bool(info.converged) and 0 < int(info.steps) < 200
@@ -113,8 +115,10 @@ def test_throw_raises_when_tol_is_not_reached_or_the_energy_diverges(gaussian):
         jax.block_until_ready(
             infer(pc.GradientDescent(50, step_size=3.0, throw=True), params, x, y)
         )
-    _, info = infer(pc.GradientDescent(3, throw=True), params, x, y)  # no tol: no criterion
-    assert bool(info.converged)
+    # no tol: throw checks divergence only, and `converged` means relative_grad_norm <= 1e-3
+    # (issue 28; it meant "did not diverge" before): measured 0.71 after 3 steps
+    _, info = infer(pc.GradientDescent(3, throw=True), params, x, y)
+    assert not bool(info.converged) and 0.5 < float(info.relative_grad_norm) < 0.9
 
 
 def start_energy(params, y):
@@ -206,7 +210,7 @@ def test_conjugate_gradient_under_vmap_is_one_solve_per_sample(gaussian):
     """The default CG runs over all the states it is given: under `jax.vmap` over unbatched
     samples that is one CG per sample, the same iterates as `per_sample=True` on the batch;
     on the batch itself it is one CG over all samples, which differs (the step lengths couple
-    the samples); `per_sample=True` on unbatched states would split them by feature."""
+    the samples); `per_sample=True` on unbatched states is one sample, the same CG."""
     params, x, y, _, _ = gaussian
 
     def sample_fn(params, xi):  # one sample, no batch axis
@@ -227,9 +231,9 @@ def test_conjugate_gradient_under_vmap_is_one_solve_per_sample(gaussian):
 
     assert gap(vmapped) < 1e-6  # measured 0.0
     assert gap(coupled["z"]) > 1e-5  # measured 7.2e-5 (CG(2) is near the solution here)
-    # Unbatched states read per sample: z's 3 features and y's 2 disagree on the "samples".
-    with pytest.raises(ValueError, match="disagree on the number of samples"):
-        jax.vmap(lambda yi: one(yi, pc.ConjugateGradient(2, per_sample=True)))(y)
+    # Unbatched states are one sample (issue 29 item 3): per_sample=True is then one CG too.
+    one_sample = jax.vmap(lambda yi: one(yi, pc.ConjugateGradient(2, per_sample=True)))(y)
+    assert gap(one_sample) < 1e-6  # measured 0.0
 
 
 def test_conjugate_gradient_stops_at_negative_curvature():
@@ -266,7 +270,7 @@ def test_conjugate_gradient_needs_a_gradient_field(gaussian):
         with pytest.raises(ValueError, match="ConjugateGradient needs the state field"):
             pc.infer(model, params, start, x, {"y": y}, solver=pc.ConjugateGradient(3))
     shared = {"z": jnp.zeros(())}
-    with pytest.raises(ValueError, match="state 'z' of shape \\(\\) has no sample axis"):
+    with pytest.raises(ValueError, match="not every node has the batch axis"):
         pc.infer(
             lambda p, x: pc.node("y", pc.node("z", p["m"].sum()) + 0 * x[:, :1]),
             params,
@@ -275,8 +279,8 @@ def test_conjugate_gradient_needs_a_gradient_field(gaussian):
             {"y": y[:, :1]},
             solver=pc.ConjugateGradient(3, per_sample=True),
         )
-    unbatched = {"z": jnp.zeros((3,))}  # read as 3 samples; the output has 5
-    with pytest.raises(ValueError, match="disagree on the number of samples"):
+    unbatched = {"z": jnp.zeros((3,))}  # shared by the output's 5 samples
+    with pytest.raises(ValueError, match="not every node has the batch axis"):
         pc.infer(
             lambda p, x: pc.node("y", pc.node("z", p["m"]) @ p["w"] + 0 * x[:, :1]),
             params,
