@@ -62,10 +62,71 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "x64: run the test with float64 on (jax.enable_x64)")
 
 
+# Seconds of one worker (idle 2-core machine) of the slowest work units of `--dist loadfile`:
+# a test file, or one notebook (each notebook is a unit of its own, see `_work_unit`). The units
+# run longest first, so that the two workers end together; the others follow in file order.
+SLOW_UNITS = {
+    "tests/test_notebooks.py::test_notebook_runs[uncertainty_aware_backprop.ipynb]": 60,
+    "tests/test_notebooks_second.py::test_notebook_runs[linear_vs_nonlinear_fisher.ipynb]": 45,
+    "tests/test_hostile.py": 85,
+    "tests/test_readme.py": 43,
+    "tests/test_docs_examples.py": 38,
+    "tests/test_dtypes.py": 35,
+    "tests/test_notebooks_second.py::test_notebook_runs[precision_as_attention.ipynb]": 32,
+    "tests/test_modes.py": 28,
+    "tests/test_notebooks_second.py::test_notebook_runs[bring_your_own_model.ipynb]": 25,
+    "tests/test_transforms.py": 25,
+    "tests/test_epc.py": 24,
+    "tests/test_notebooks.py::test_notebook_runs[backprop_equivalence.ipynb]": 24,
+    "tests/test_bidirectional.py": 23,
+    "tests/test_variants.py": 20,
+    "tests/test_notebooks.py::test_notebook_runs[natural_gradients.ipynb]": 18,
+    "tests/test_graph_precision.py": 18,
+    "tests/test_notebooks.py::test_notebook_runs[precision_dynamics.ipynb]": 16,
+    "tests/test_sharding.py": 15,
+    "tests/test_docs.py": 15,
+    "tests/test_notebooks.py::test_notebook_runs[generative_model.ipynb]": 13,
+    "tests/test_notebooks_second.py::test_notebook_runs[quickstart.ipynb]": 11,
+    "tests/test_multihost.py": 10,
+}
+
+
+def _work_unit(nodeid: str) -> str:
+    """The `--dist loadfile` unit of a test: its file (module fixtures are shared within it),
+    except that every notebook is a unit of its own (a notebook runs in its own kernel)."""
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/test_notebooks") and "[" in nodeid:
+        return nodeid
+    return path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the notebooks split into units of their own (`_work_unit`)."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class NotebookSplitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return NotebookSplitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in FLOAT64_FIXTURES):
             item.add_marker(pytest.mark.x64)
+    # Longest work units first (a stable sort: a unit's tests stay together and in order).
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(_work_unit(item.nodeid), index)
+    items.sort(
+        key=lambda item: (
+            -SLOW_UNITS.get(_work_unit(item.nodeid), 0),
+            first[_work_unit(item.nodeid)],
+        )
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +171,11 @@ def mnist_dir():
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL_NOTEBOOKS = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 NEEDS_MNIST = {"precision_as_attention.ipynb"}  # the others fall back to the bundled digits
+# Compile-bound short forms run with XLA's cheaper compiles (JAX_DISABLE_MOST_OPTIMIZATIONS:
+# LLVM without its expensive passes, backend optimisation level 0). Measured CPU time of the
+# notebook: linear_vs_nonlinear_fisher 47 -> 38 s, bring_your_own_model 26 -> 25 s; the
+# compute-bound natural_gradients and precision_as_attention were 7% slower with it.
+CHEAP_COMPILES = {"linear_vs_nonlinear_fisher.ipynb", "bring_your_own_model.ipynb"}
 
 
 @pytest.fixture
@@ -129,6 +195,8 @@ def run_notebook(monkeypatch, request):
             except pytest.skip.Exception:
                 monkeypatch.setenv("PCJAX_DATA_DIR", str(NOTEBOOKS / "no-data-here"))
         monkeypatch.setenv("PCJAX_NOTEBOOK_SMALL", "1")
+        if name in CHEAP_COMPILES:
+            monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
         monkeypatch.setenv("MPLBACKEND", "Agg")
         notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
         resources = {"metadata": {"path": NOTEBOOKS}}
