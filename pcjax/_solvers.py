@@ -511,7 +511,7 @@ class GradientDescent(AbstractSolver):
                 return (*update(i, states, opt_state, grads), start_norms), value
 
             # The energy before each update (one scalar a step): the first is the start's.
-            wide = jnp.promote_types(jnp.result_type(*states.values()), jnp.float32)
+            wide = jnp.result_type(jnp.float32, *states.values())
             init = (states, opt_state, jnp.zeros((layout.size,), wide))
             (states, _, start_norms), energies = jax.lax.scan(
                 body, init, jnp.arange(steps), unroll=scan_unroll(steps, self.unroll)

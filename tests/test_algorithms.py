@@ -122,7 +122,9 @@ def test_equilibrium_with_kronecker_natural_gradient(data):
         net, pc.Equilibrium(pc.GradientDescent(10, step_size=A)), natural_sgd(), w, x, y
     )
     assert max_rel(moved(got, w), moved(expected, w)) < 5e-6  # measured 9.7e-7
-    assert bool(info.converged) and not bool(info.diverged)
+    # 10 fixed steps without tol: not at the 1e-3 certificate (issue 28: converged no longer
+    # means "not diverged"); relative field norm measured 0.19
+    assert not bool(info.diverged) and float(info.relative_grad_norm) < 0.5
     start = energy(w, x @ w["w1"], y, x)  # inference starts at the feedforward pass
     assert float(info.initial_energy) == pytest.approx(float(start), rel=1e-5)
     assert float(info.energy) < float(start) and not bool(info.energy_rose)
