@@ -5,6 +5,7 @@ the network's free energy, relaxes its states and learns its parameters with pla
 """
 
 from . import nn
+from ._backtracking import Backtracking
 from ._certificate import EquilibriumGap, equilibrium_gap
 from ._checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from ._energy import cross_entropy
@@ -56,6 +57,7 @@ from ._tagging import dense, mixed_precision, node
 __all__ = [
     "ODE",
     "Amortised",
+    "Backtracking",
     "ConjugateGradient",
     "Context",
     "DiagonalPrecision",
