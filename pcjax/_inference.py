@@ -46,7 +46,8 @@ def infer(
     - `fn`: the tagged forward function, or an energy transformation of it
       (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
       `pcjax.error_parameterised(fn)`: the solver then runs on the errors).
-    - `solver`: `pcjax.GradientDescent(steps, optimizer, tol=...)`, `pcjax.ODE(...)` or
+    - `solver`: `pcjax.GradientDescent(steps, optimizer, tol=...)`, `pcjax.Backtracking(steps)`
+      (gradient descent that keeps no step raising the energy), `pcjax.ODE(...)` or
       `pcjax.ConjugateGradient(steps)`.
     - `precision`: the node precisions (see `pcjax.energy`).
     - `key`: a `jax.random` key for stochastic solvers (`GradientDescent(optimizer=
@@ -70,8 +71,8 @@ def infer(
         )
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
-            "pcjax.infer: `solver` must be a pcjax solver (pcjax.GradientDescent, pcjax.ODE, "
-            "pcjax.ConjugateGradient), "
+            "pcjax.infer: `solver` must be a pcjax solver (pcjax.GradientDescent, "
+            "pcjax.Backtracking, pcjax.ODE, pcjax.ConjugateGradient), "
             f"got {type(solver).__name__}."
         )
     model = as_model(fn, "pcjax.infer")
