@@ -11,6 +11,8 @@ quadratic in every free node, so the relaxed states are a dense solve of dF/dfre
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -51,9 +53,11 @@ def setup():
     return params, image, label, model
 
 
+@functools.partial(jax.jit, static_argnames="free")
 def solve_free(params, image, label, free):
     """The minimiser of `energy_by_hand` over the `free` nodes (a dense solve: the energy is
-    quadratic, its Hessian constant), the others fixed at the given values."""
+    quadratic, its Hessian constant), the others fixed at the given values. Jitted: run eagerly,
+    the Hessian and the solve compile op by op."""
     values = {"image": image, "h": jnp.zeros((B, DH)), "y": label}
     sizes = {"image": DX, "h": DH, "y": DY}
 

@@ -60,14 +60,19 @@ def test_discriminative_training_and_classification_by_inference(digits):
     feedforward = jnp.argmax(mlp(params, x_test), -1)
     accuracy = float(jnp.mean(feedforward == y_test))
     assert accuracy > 0.93, accuracy
+
     # Classification by inference: the label node is free, started at zero; at equilibrium
     # all errors vanish, so it settles on the feedforward prediction.
-    start = pc.forward_init(mlp, params, x_test)
-    start["h1"] = jnp.zeros_like(start["h1"])
-    initial = pc.energy(mlp, params, start, x_test)
-    states, info = pc.infer(
-        mlp, params, start, x_test, solver=pc.GradientDescent(200, step_size=0.2)
-    )
+    @jax.jit  # one compile, not one per eager operation
+    def classify(params, x):
+        start = pc.forward_init(mlp, params, x)
+        start["h1"] = jnp.zeros_like(start["h1"])
+        initial = pc.energy(mlp, params, start, x)
+        solver = pc.GradientDescent(200, step_size=0.2)
+        states, info = pc.infer(mlp, params, start, x, solver=solver)
+        return initial, states, info
+
+    initial, states, info = classify(params, x_test)
     assert float(info.energy) < 1e-4 * float(initial)
     assert float(jnp.mean(jnp.argmax(states["h1"], -1) == feedforward)) == 1.0
 
@@ -100,23 +105,28 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
         generative, params, batches, optax.adam(3e-3), 30, pc.GradientDescent(30, step_size=0.1)
     )
     assert history[-1] < 0.5 * history[0], history
+
     # The prior mean is learned: its energy term 1/2 ||z - prior||^2 is minimal at the mean of
     # the relaxed latents over the data (the maximum-likelihood prior), which it should reach.
-    empty = jnp.zeros((len(x_train), 0))
-    latent = {"z": pc.forward_init(generative, trained, empty)["z"]}
-    latent["h"] = pc.forward_init(generative, trained, empty)["h"]
-    relaxed, _ = pc.infer(
-        generative,
-        trained,
-        latent,
-        empty,
-        {"pixels": x_train},
-        solver=pc.GradientDescent(30, step_size=0.1),
-    )
-    mean_z = relaxed["z"].mean(0)
+    @jax.jit  # one compile, not one per eager operation
+    def relaxed_latents(params, empty, pixels):
+        latent = pc.forward_init(generative, params, empty)
+        del latent["pixels"]
+        relaxed, _ = pc.infer(
+            generative,
+            params,
+            latent,
+            empty,
+            {"pixels": pixels},
+            solver=pc.GradientDescent(30, step_size=0.1),
+        )
+        return relaxed
+
+    mean_z = relaxed_latents(trained, jnp.zeros((len(x_train), 0)), x_train)["z"].mean(0)
     assert float(jnp.linalg.norm(mean_z)) > 0.1  # a non-trivial target (measured 0.17)
     assert rel_error(trained["prior"], mean_z) < 0.05  # measured 0.016 (1.0 before training)
 
+    @jax.jit  # compiled once, run for the trained and the initial parameters
     def reconstruction_error(params):
         empty = jnp.zeros((len(x_test), 0))
         latent = pc.forward_init(generative, params, empty)
@@ -131,9 +141,9 @@ def test_generative_model_learns_prior_and_reconstructs(digits):
             solver=pc.GradientDescent(100, step_size=0.1),
         )
         errors = pc.prediction_errors(generative, params, states, empty, observed)
-        return float(jnp.mean(errors["pixels"] ** 2))
+        return jnp.mean(errors["pixels"] ** 2)
 
-    assert reconstruction_error(trained) < 0.5 * reconstruction_error(params)
+    assert float(reconstruction_error(trained)) < 0.5 * float(reconstruction_error(params))
 
 
 def conditional(params, labels):
@@ -156,16 +166,21 @@ def test_conditional_generation_by_inference(digits):
         conditional, params, batches, optax.adam(1e-2), 30, pc.GradientDescent(10)
     )
     assert history[-1] < 0.5 * history[0]
+
     # Generate: the label is the input, every node (the image included) is free, from zero.
-    labels = jnp.eye(10, dtype=jnp.float32)
-    start = {k: jnp.zeros_like(v) for k, v in pc.forward_init(conditional, params, labels).items()}
-    states, info = pc.infer(
-        conditional,
-        params,
-        start,
-        labels,
-        solver=pc.GradientDescent(2000, optax.adam(0.02), tol=1e-4),
-    )
+    @jax.jit  # one compile, not one per eager operation
+    def generate(params, labels):
+        start = pc.forward_init(conditional, params, labels)
+        start = {k: jnp.zeros_like(v) for k, v in start.items()}
+        return pc.infer(
+            conditional,
+            params,
+            start,
+            labels,
+            solver=pc.GradientDescent(2000, optax.adam(0.02), tol=1e-4),
+        )
+
+    states, info = generate(params, jnp.eye(10, dtype=jnp.float32))
     assert not bool(info.diverged) and float(info.energy) < 1e-6
     class_means = jnp.stack([x_train[y_train == c].mean(0) for c in range(10)])
     distances = jnp.linalg.norm(states["image"][:, None, :] - class_means[None], axis=-1)

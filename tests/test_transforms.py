@@ -53,18 +53,27 @@ def test_vmapped_equinox_model_energy_and_fpa_gradients():
         mu1 = jax.vmap(m.layers[1])(jnp.tanh(h0))
         return 0.5 * jnp.sum((h0 - mu0) ** 2) + 0.5 * jnp.sum((y - mu1) ** 2)
 
-    energy = pc.energy(batched, model, states, x, {"h1": y})
-    np.testing.assert_allclose(energy, by_hand(model, states["h0"]), rtol=1e-14)
-    relaxed, _ = pc.infer(
-        pc.fixed_predictions(batched),
-        model,
-        {"h0": ff["h0"]},
-        x,
-        {"h1": y},
-        solver=pc.GradientDescent(1, step_size=1.0),
-    )
-    grads = pc.param_grads(pc.fixed_predictions(batched), model, relaxed, x, {"h1": y})
-    reference = eqx.filter_grad(lambda m: 0.5 * jnp.sum((y - batched(m, x)) ** 2))(model)
+    @eqx.filter_jit  # pcjax's side, one compile rather than op by op
+    def ours(model, states, start):
+        energy = pc.energy(batched, model, states, x, {"h1": y})
+        relaxed, _ = pc.infer(
+            pc.fixed_predictions(batched),
+            model,
+            start,
+            x,
+            {"h1": y},
+            solver=pc.GradientDescent(1, step_size=1.0),
+        )
+        return energy, pc.param_grads(pc.fixed_predictions(batched), model, relaxed, x, {"h1": y})
+
+    @eqx.filter_jit
+    def truth(model, h0):
+        loss = lambda m: 0.5 * jnp.sum((y - batched(m, x)) ** 2)  # noqa: E731
+        return by_hand(model, h0), eqx.filter_grad(loss)(model)
+
+    energy, grads = ours(model, states, {"h0": ff["h0"]})
+    expected, reference = truth(model, states["h0"])
+    np.testing.assert_allclose(energy, expected, rtol=1e-14)
     assert rel_error(grads, reference) < 1e-15  # measured 7.4e-17
 
 
@@ -98,18 +107,22 @@ def test_scan_rnn_nodes_are_stacked_and_fpa_equals_backprop():
         mu = jnp.tanh(previous) @ params["w"] + xs @ params["u"]
         return 0.5 * jnp.sum((h - mu) ** 2) + 0.5 * jnp.sum((y - h[-1] @ params["v"]) ** 2)
 
-    energy = pc.energy(rnn, params, states, xs, {"y": y})
-    np.testing.assert_allclose(energy, by_hand(states["h"]), rtol=1e-14)
-    relaxed, _ = pc.infer(
-        pc.fixed_predictions(rnn),
-        params,
-        {"h": ff["h"]},
-        xs,
-        {"y": y},
-        solver=pc.GradientDescent(6, step_size=1.0),
-    )
-    grads = pc.param_grads(pc.fixed_predictions(rnn), params, relaxed, xs, {"y": y})
-    reference = jax.grad(lambda p: 0.5 * jnp.sum((y - rnn(p, xs)) ** 2))(params)
+    @jax.jit  # pcjax's side, one compile rather than op by op
+    def ours(params, states, start):
+        energy = pc.energy(rnn, params, states, xs, {"y": y})
+        relaxed, _ = pc.infer(
+            pc.fixed_predictions(rnn),
+            params,
+            start,
+            xs,
+            {"y": y},
+            solver=pc.GradientDescent(6, step_size=1.0),
+        )
+        return energy, pc.param_grads(pc.fixed_predictions(rnn), params, relaxed, xs, {"y": y})
+
+    energy, grads = ours(params, states, {"h": ff["h"]})
+    np.testing.assert_allclose(energy, jax.jit(by_hand)(states["h"]), rtol=1e-14)
+    reference = jax.jit(jax.grad(lambda p: 0.5 * jnp.sum((y - rnn(p, xs)) ** 2)))(params)
     assert rel_error(grads, reference) < 1e-15  # measured 1.3e-16
 
 
@@ -340,21 +353,35 @@ def test_kronecker_natural_gradient_equals_dense_solve_through_transforms(build)
 
 
 def assert_energy_and_fpa_exact(fn, params, x, y, by_hand, steps):
-    ff = pc.forward_init(fn, params, x)
-    latent = {k: v for k, v in ff.items() if k != "out"}
-    shifted = {k: v + 0.05 * jnp.cos(v) for k, v in latent.items()}
-    energy = pc.energy(fn, params, shifted, x, {"out": y})
-    np.testing.assert_allclose(energy, by_hand(params, shifted), rtol=1e-13)
-    relaxed, _ = pc.infer(
-        pc.fixed_predictions(fn),
-        params,
-        latent,
-        x,
-        {"out": y},
-        solver=pc.GradientDescent(steps, step_size=1.0),
-    )
-    grads = pc.param_grads(pc.fixed_predictions(fn), params, relaxed, x, {"out": y})
-    reference = eqx.filter_grad(lambda p: 0.5 * jnp.sum((y - fn(p, x)) ** 2))(params)
+    """Check pcjax's energy against `by_hand` and return the relative error of the FPA
+    gradients to backprop's. Each side is one compiled function (eagerly, every operation
+    and every scan would compile on its own)."""
+
+    @eqx.filter_jit
+    def ours(params, x, y):
+        ff = pc.forward_init(fn, params, x)
+        latent = {k: v for k, v in ff.items() if k != "out"}
+        shifted = {k: v + 0.05 * jnp.cos(v) for k, v in latent.items()}
+        energy = pc.energy(fn, params, shifted, x, {"out": y})
+        relaxed, _ = pc.infer(
+            pc.fixed_predictions(fn),
+            params,
+            latent,
+            x,
+            {"out": y},
+            solver=pc.GradientDescent(steps, step_size=1.0),
+        )
+        grads = pc.param_grads(pc.fixed_predictions(fn), params, relaxed, x, {"out": y})
+        return shifted, energy, grads
+
+    @eqx.filter_jit
+    def truth(params, shifted, x, y):
+        reference = eqx.filter_grad(lambda p: 0.5 * jnp.sum((y - fn(p, x)) ** 2))(params)
+        return by_hand(params, shifted), reference
+
+    shifted, energy, grads = ours(params, x, y)
+    expected, reference = truth(params, shifted, x, y)
+    np.testing.assert_allclose(energy, expected, rtol=1e-13)
     return rel_error(grads, reference)
 
 
@@ -489,8 +516,8 @@ def test_train_step_averages_over_the_batch_not_the_stacked_time_axis():
         pc.Equilibrium(pc.GradientDescent(9, step_size=1.0)),
         optax.sgd(1.0),
     )
-    new, _, _ = step(params, optax.sgd(1.0).init(params), xs, {"y": ys})
-    summed = eqx.filter_grad(lambda p: 0.5 * jnp.sum((ys - sequence_to_sequence(p, xs)) ** 2))(
+    new, _, _ = jax.jit(step)(params, optax.sgd(1.0).init(params), xs, {"y": ys})
+    summed = jax.jit(jax.grad(lambda p: 0.5 * jnp.sum((ys - sequence_to_sequence(p, xs)) ** 2)))(
         params
     )
     moved = jax.tree.map(lambda a, b: a - b, params, new)
