@@ -504,20 +504,18 @@ class GradientDescent(AbstractSolver):
             layout = resolve_sample_axes(states, sample_axes)
 
             def body(carry, i):
-                states, opt_state, start_norms = carry
+                states, opt_state = carry
                 value, grads = field(states)
-                norms = per_sample_norms(grads, layout)
-                start_norms = jnp.where(i == 0, norms, start_norms)
-                return (*update(i, states, opt_state, grads), start_norms), value
+                # The per-sample norms are an output, not a carry: a carry initialised here
+                # would not carry the axes a shard_map varies over, and its type would change.
+                return update(i, states, opt_state, grads), (value, per_sample_norms(grads, layout))
 
-            # The energy before each update (one scalar a step): the first is the start's.
-            wide = jnp.result_type(jnp.float32, *states.values())
-            init = (states, opt_state, jnp.zeros((layout.size,), wide))
-            (states, _, start_norms), energies = jax.lax.scan(
-                body, init, jnp.arange(steps), unroll=scan_unroll(steps, self.unroll)
+            # The energy and per-sample field norms before each update: the first are the start's.
+            (states, _), (energies, norms) = jax.lax.scan(
+                body, (states, opt_state), jnp.arange(steps), unroll=scan_unroll(steps, self.unroll)
             )
             count = jnp.asarray(steps, jnp.int32)
-            start = Start(energies[0], start_norms)
+            start = Start(energies[0], norms[0])
             return states, count, count, energies if record else None, start
 
         value, grads = field(states)
