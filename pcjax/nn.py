@@ -721,7 +721,7 @@ def _check_heads(name: str, d_model: int, heads: int) -> None:
 
 
 class TransformerBlock(eqx.Module):
-    """One pre-norm Transformer block (`TransformerLayer`) on a `(sequence, d_model)` sample,
+    """One pre-norm Transformer block on a `(sequence, d_model)` sample,
     then a dense read-out of the mean over the sequence.
 
     Nodes with `nodes="layer"`: `attn` (the attention sub-layer's output), `res1`
@@ -761,7 +761,7 @@ class TransformerBlock(eqx.Module):
 
 
 class Transformer(eqx.Module):
-    """`depth` pre-norm Transformer blocks (`TransformerLayer`) on a `(sequence, d_model)`
+    """`depth` pre-norm Transformer blocks on a `(sequence, d_model)`
     sample, then a dense read-out of the mean over the sequence.
 
     Nodes, unrolled (default): `block{i}_attn`, `block{i}_res1`, `block{i}_mlp_hidden`,
