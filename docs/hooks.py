@@ -295,7 +295,8 @@ def notebook_banner(page_url: str, name: str) -> str:
     return (
         '<div class="admonition info"><p class="admonition-title">Run it yourself</p><p>'
         f'Download the notebook: <a href="{href}" download><code>{html.escape(name)}</code></a>'
-        " (it needs <code>pip install -e '.[notebooks]'</code>). This page shows it with the "
+        " (in a clone of pcjax: <code>pip install -e '.[notebooks]'</code>, then Jupyter). "
+        "This page shows it with the "
         "outputs of its full run; the test suite runs a shorter form of it.</p></div>\n"
     )
 
@@ -328,7 +329,10 @@ def on_page_content(content, page, config, files):
     if not page.file.src_uri.endswith(".ipynb"):
         return content
     name = Path(page.file.src_uri).name
-    return notebook_banner(page.url, name) + link_notebooks(content, page.url)
+    content = link_notebooks(content, page.url)
+    title_end = content.find("</h1>")  # under the notebook's title, if it has one
+    at = title_end + len("</h1>") if title_end >= 0 else 0
+    return content[:at] + notebook_banner(page.url, name) + content[at:]
 
 
 def on_page_context(context, page, config, nav):
