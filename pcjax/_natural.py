@@ -799,9 +799,9 @@ def precision_weighted_gradient() -> optax.GradientTransformationExtraArgs:
 
     For a dense layer predicting a node of precision $P$ it returns $g P$ (weights,
     shape `(in, out)`) and $P g$ (bias): the gradient multiplied by the output factor of the
-    Fisher rather than divided by it. It is *not* a natural gradient (see the module
-    docstring); other gradients pass through. Takes `fisher` statistics of the
-    `"kronecker"` or `"diagonal"` mode, or the `context` of [pcjax.make_train_step][].
+    Fisher rather than divided by it. It is *not* a natural gradient (see DESIGN notes and the
+    module docstring); other gradients pass through. Takes `fisher` statistics of the
+    `"kronecker"` or `"diagonal"` mode.
     """
 
     def init(params):
