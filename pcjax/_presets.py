@@ -68,7 +68,7 @@ def preset(name: str, fn: Callable[..., Any]) -> tuple[Any, Equilibrium]:
       `pcjax.preconditioned(pcjax.fixed_predictions(fn))` with
       `GradientDescent(depth, step_size=1.0)` (cosine 1.000 in the same script). On the demo's
       MLP (784-1024-1024-10, AdamW 1e-3, batch 128) the preset still reaches 98% MNIST test
-      accuracy in the same training time as backprop (the table in `benchmarks/README.md`):
+      accuracy in the same training time as backprop (the table on the benchmark results page):
       a learning rule that trains well by measurement, only partly aligned with backprop.
     - `"standard"`: standard PC, `pcjax.Equilibrium(pcjax.GradientDescent(8,
       step_size=0.1))` on `fn` itself (the demo's default).

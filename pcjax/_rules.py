@@ -15,7 +15,7 @@ Rules:
   take $\partial F / \partial \theta$ at the relaxed states (standard PC; FPA with
   `fixed_predictions`).
 - `Nudged(solver, beta, mode)`: leave the outputs free and pull them towards their targets with
-  strength $\beta$ (equilibrium propagation; `pcjax._nudging` for the three estimates).
+  strength $\beta$ (equilibrium propagation; three estimates, `Nudged`'s `mode`).
 - `Amortised(solver, amortiser)`: hybrid PC: relax from an amortisation network's proposal,
   learn at the relaxed states, and train the amortiser to predict them.
 - `Incremental(steps, optimizer)`: incremental PC (iPC; Salvatori et al. 2024): states and
@@ -195,7 +195,7 @@ class Nudged(AbstractRule):
     `mode`: `"positive"` $(G(\beta) - G(0))/\beta$, `"negative"` $(G(0) - G(-\beta))/\beta$ or
     `"centred"` $(G(\beta) - G(-\beta))/2\beta$ (bias $O(\beta^2)$), with
     $G(\beta) = \partial_\theta F_\beta$ at the nudged equilibrium; all tend to the gradient of
-    the output loss at the free equilibrium as $\beta \to 0$ (`pcjax._nudging`).
+    the output loss at the free equilibrium as $\beta \to 0$.
     Needs an energy (standard, or preconditioned): the fixed-prediction field is not a
     gradient, so `pcjax.fixed_predictions` is refused.
     """

@@ -721,7 +721,8 @@ def _check_heads(name: str, d_model: int, heads: int) -> None:
 
 
 class TransformerBlock(eqx.Module):
-    """One pre-norm Transformer block (`TransformerLayer`) on a `(sequence, d_model)` sample,
+    """One pre-norm Transformer block (attention and MLP sub-layers, each after an
+    `eqx.nn.LayerNorm`, with residual connections) on a `(sequence, d_model)` sample,
     then a dense read-out of the mean over the sequence.
 
     Nodes with `nodes="layer"`: `attn` (the attention sub-layer's output), `res1`
@@ -761,8 +762,8 @@ class TransformerBlock(eqx.Module):
 
 
 class Transformer(eqx.Module):
-    """`depth` pre-norm Transformer blocks (`TransformerLayer`) on a `(sequence, d_model)`
-    sample, then a dense read-out of the mean over the sequence.
+    """`depth` pre-norm Transformer blocks (as in [pcjax.nn.TransformerBlock][]) on a
+    `(sequence, d_model)` sample, then a dense read-out of the mean over the sequence.
 
     Nodes, unrolled (default): `block{i}_attn`, `block{i}_res1`, `block{i}_mlp_hidden`,
     `block{i}_res2` per block (with `nodes="op"` also `block{i}_q`, `_k`, `_v`, `_scores`), and

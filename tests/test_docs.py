@@ -3,8 +3,9 @@
 One `mkdocs build --strict` (warnings are errors: a broken link or cross-reference, a missing
 page or a docstring mkdocstrings cannot render fails it) into a temporary folder, then checks on
 its output: every public name has an API entry, the notebooks are rendered with their stored
-plots, the benchmark page shows the numbers of the JSON result files. The guides' code
-blocks run in tests/test_docs_examples.py.
+plots and a download link, the benchmark page shows the numbers of the JSON result files, every
+internal link and anchor resolves, and nothing outside the site is fetched or referred to. The
+guides' code blocks run, and print what the pages quote, in tests/test_docs_examples.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import os
 import re
 import subprocess
 import sys
+from html import unescape
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -206,3 +209,141 @@ def test_maths_is_left_for_mathjax_with_the_delimiters_it_is_configured_for(site
     notebook = page(site, "notebooks/natural_gradients")
     assert '"inlineMath": [["$", "$"], ["\\\\(", "\\\\)"]]' in notebook
     assert re.search(r"\$[^$<>]*\\[a-zA-Z]+[^$<>]*\$", notebook), "no $ maths on the notebook page"
+
+
+# ---------------------------------------------------------------------------------------------
+# No dead ends: links, anchors, references, notebook downloads, the benchmark page.
+
+HREF = re.compile(r"<a\b[^>]*?\bhref=[\"']([^\"']*)[\"']", re.IGNORECASE)
+IDS = re.compile(r"\b(?:id|name)=[\"']([^\"']+)[\"']")
+SOURCE_CODE = re.compile(r'<details class="mkdocstrings-source".*?</details>', re.DOTALL)
+TAGS = re.compile(r"<[^>]+>")
+
+
+def broken_links(site: Path) -> list[str]:
+    """Every link of every page of `site` to a file of the site that does not exist, or to an
+    anchor that its page does not have ("page: href (why)")."""
+    anchors: dict[Path, set[str]] = {}
+    broken = []
+    for html in sorted(site.rglob("*.html")):
+        for href in HREF.findall(html.read_text()):
+            href = unescape(href)
+            parts = urlsplit(href)
+            if parts.scheme or parts.netloc:  # another site (not fetched by a browser itself)
+                continue
+            target = html
+            if parts.path:  # relative to the page, or to the site's root (404.html's links)
+                base = site if parts.path.startswith("/") else html.parent
+                target = (base / unquote(parts.path).lstrip("/")).resolve()
+                if target.is_dir():
+                    target = target / "index.html"
+            where = f"{html.relative_to(site)}: {href}"
+            if not target.is_file():
+                broken.append(f"{where} (no such file)")
+            elif parts.fragment and target.suffix == ".html":
+                if target not in anchors:
+                    anchors[target] = {unescape(i) for i in IDS.findall(target.read_text())}
+                if unquote(parts.fragment) not in anchors[target]:
+                    broken.append(f"{where} (no such anchor)")
+    return broken
+
+
+def test_every_link_of_the_site_resolves(site):
+    """Internal links and anchors of every page (notebooks' tables of contents and links to
+    other notebooks included) lead to a file and an id that the built site has."""
+    assert len(list(site.rglob("*.html"))) >= 30
+    broken = broken_links(site)
+    assert not broken, f"{len(broken)} broken links:\n" + "\n".join(broken[:30])
+
+
+def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "index.html").write_text('<h2 id="x">X</h2><a href="#x">ok</a>')
+    page = '<a href="a/#x">ok</a><a href="a/#y">no anchor</a><a href="b.ipynb">no file</a>'
+    (tmp_path / "index.html").write_text(page + '<a href="https://example.org/">away</a>')
+    assert broken_links(tmp_path) == [
+        "index.html: a/#y (no such anchor)",
+        "index.html: b.ipynb (no such file)",
+    ]
+
+
+def prose(html: str) -> str:
+    """A page's text without its shown source code (mkdocstrings' "Source code in" blocks)."""
+    return TAGS.sub(" ", SOURCE_CODE.sub(" ", html))
+
+
+def test_pages_name_nothing_that_is_not_on_the_site(site):
+    """No page points its reader to a private module, the design notes or the README (none of
+    them is on the site); the guides, notebooks, changelog and benchmark page name no
+    private `pcjax._module` at all."""
+    unreachable = re.compile(r"DESIGN|README|TransformerLayer|pcjax\._nudging")
+    private = re.compile(r"pcjax\._[a-z]")
+    found = []
+    for html in sorted(site.rglob("index.html")):
+        name = str(html.parent.relative_to(site))
+        text = prose(html.read_text())
+        found += [f"{name}: {m.group()}" for m in unreachable.finditer(text)]
+        if not name.startswith("api"):
+            found += [f"{name}: {m.group()}" for m in private.finditer(text)]
+    assert not found, "references to what is not on the site:\n" + "\n".join(found)
+
+
+def test_the_migration_guide_and_the_changelog_are_pages(site):
+    guide = page(site, "coming-from")
+    assert 'id="from-pcjax-01"' in guide and "pc.make_train_step" in guide
+    assert "pc.train_step" in guide and "steps=T" in guide  # the 0.1 calls, next to the new
+    changelog = page(site, "changelog")
+    assert 'id="030"' in changelog and 'id="010"' in changelog
+    home = page(site, "")
+    assert 'href="coming-from/"' in home and 'href="changelog/"' in home
+
+
+def test_notebook_pages_offer_their_notebook_and_show_the_full_run(site):
+    """Each notebook page links to the notebook file, which the site holds byte for byte, and
+    shows the code of the full run that made its outputs: no short-form switch."""
+    for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
+        html = page(site, f"notebooks/{notebook.stem}")
+        assert f'href="../{notebook.name}" download' in html, f"{notebook.name}: no download"
+        assert (site / "notebooks" / notebook.name).read_bytes() == notebook.read_bytes()
+        text = prose(html)
+        assert "PCJAX_NOTEBOOK_SMALL" not in text and not re.search(r"\bSMALL\b", text), (
+            f"{notebook.name}: its page shows the tests' short-form switch"
+        )
+
+
+def test_the_short_form_switch_resolves_to_the_full_run():
+    """docs/hooks.py's display copy of a code cell: `SMALL` taken as False, its comments gone."""
+    spec = importlib.util.spec_from_file_location("pcjax_docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    cell = (
+        "import os\n"
+        'SMALL = os.environ.get("PCJAX_NOTEBOOK_SMALL") == "1"  # CI: shorter\n'
+        "steps = 10 if SMALL else 3000  # steps of 0.1\n"
+        "sizes = (5, 2) if SMALL else (600, 200)\n"
+        "if SMALL:  # the short form: one seed\n"
+        "    seeds = [0]\n"
+        "if not SMALL:\n"
+        "    tune = [fit(lr) for lr in (1e-3 if SMALL else 1e-4, 1e-2)]\n"
+        "print(steps)\n"
+    )
+    assert hooks.full_run_source(cell, "cell") == (
+        "import os\n"
+        "steps = 3000  # steps of 0.1\n"
+        "sizes = (600, 200)\n"
+        "tune = [fit(lr) for lr in (1e-4, 1e-2)]\n"
+        "print(steps)"
+    )
+    with pytest.raises(ValueError, match="cell 3"):
+        hooks.full_run_source("run(small=SMALL)\n", "cell 3")
+
+
+def test_the_benchmark_page_reads_as_a_page_and_its_tables_scroll(site):
+    html = page(site, "benchmarks")
+    text = prose(html)
+    assert "README" not in text and "report markers" not in text
+    tables = html.count("<table>")
+    assert tables >= 10 and html.count('<div class="pcjax-wide-table">') == tables
+    css = (site / "stylesheets" / "extra.css").read_text()
+    assert re.search(r"\.pcjax-wide-table\s*\{[^}]*overflow-x:\s*auto", css)
+    assert 'href="../stylesheets/extra.css"' in html
