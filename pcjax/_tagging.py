@@ -82,6 +82,21 @@ def node(
     - `jax.jit`, `eqx.filter_jit`, `jax.checkpoint` / `eqx.filter_checkpoint`: transparent.
     - a node inside `lax.while_loop`, `lax.cond` / `switch`, a `custom_jvp` / `custom_vjp`
       function or `shard_map` raises a `ValueError` naming the node and the construct.
+
+    **Raises:** nothing when called; pcjax's functions raise a `ValueError` that names the node
+    for a name tagged twice in one call, a node in an unsupported construct (above), or a
+    state whose shape or dtype differs from the node's value.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> pc.node("h", jnp.ones(2))  # outside pcjax: the value itself
+    Array([1., 1.], dtype=float32)
+    >>> states = pc.forward_init(fn, params, x)  # inside: each node is recorded
+    >>> {name: state.shape for name, state in states.items()}
+    {'h': (2, 4), 'y': (2, 2)}
+
+    ```
     """
     return tag(name, value, energy=energy, precision=precision)
 
@@ -96,8 +111,25 @@ def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
     tagged directly, `pcjax.node(name, pcjax.dense(h, w, b))`, or its weight is not a
     parameter leaf itself (a transformed copy). Its Fisher is $\mathbb{E}[h h^\top] \otimes P$.
 
-    **Arguments:** `inputs` of shape `(..., in)`, `weight` of shape `(in, out)`, optional `bias`
-    of shape `(out,)`.
+    **Arguments:**
+
+    - `inputs`: the layer's input, shape `(..., in)`.
+    - `weight`: the weight matrix, shape `(in, out)`: a parameter leaf.
+    - `bias`: the bias, shape `(out,)`; default None (no bias).
+
+    **Returns:** `inputs @ weight + bias`, shape `(..., out)`.
+
+    **Raises:** `ValueError` naming both shapes if `weight` is not `(in, out)` with `in` the
+    last axis of `inputs`; [pcjax.fisher_statistics][] raises one if the layer is not found.
+
+    **Example:**
+
+    ```pycon
+    >>> pc.dense(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.zeros(4))
+    Array([[3., 3., 3., 3.],
+           [3., 3., 3., 3.]], dtype=float32)
+
+    ```
     """
     if jnp.ndim(weight) != 2 or jnp.shape(inputs)[-1:] != jnp.shape(weight)[:1]:
         raise ValueError(
@@ -231,8 +263,27 @@ def mixed_precision(
     `jax.jit`, `eqx.filter_jit` or `jax.checkpoint` with a warm cache. A function containing
     a `mixed_precision` call records every floating-point node in `state_dtype`.
 
-        net = pcjax.mixed_precision(my_net)            # bfloat16 matmuls, float32 states
-        step = pcjax.make_train_step(net, pcjax.Equilibrium(pcjax.GradientDescent(8)), optimizer)
+    **Arguments:**
+
+    - `fn`: the tagged forward function `fn(params, x)`.
+    - `compute_dtype`: the dtype its parameters and inputs are cast to; default bfloat16.
+    - `state_dtype`: the dtype of the node states, errors and energy; default float32.
+
+    **Returns:** the function `wrapped(params, x)`, to use wherever `fn` goes
+    ([pcjax.infer][], [pcjax.make_train_step][], the energy transformations).
+
+    **Raises:** nothing itself; JAX raises for dtypes that are not floating-point.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> net = pc.mixed_precision(fn)  # bfloat16 matmuls, float32 states
+    >>> states = pc.forward_init(net, params, x)
+    >>> states["h"].dtype, net(params, x).dtype
+    (dtype('float32'), dtype(bfloat16))
+    >>> step = pc.make_train_step(net, pc.Equilibrium(pc.GradientDescent(8)), optax.sgd(0.1))
+
+    ```
     """
 
     def cast(tree: Any) -> Any:
