@@ -117,6 +117,20 @@ class Backtracking(AbstractSolver):
 
     **Raises:** `ValueError` for `steps` or `max_tries` not a positive int, `shrink` outside
     $(0, 1)$, `grow` below 1, or a step size that is not a positive finite number.
+
+    **Example** ([setup][examples-setup]): a step size far too large for a stiff output
+    precision is shrunk until the energy falls.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.Backtracking(10, step_size=5.0, record_energy=True)
+    >>> states, info = pc.infer(
+    ...     fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver, precision={"y": 50.0}
+    ... )
+    >>> bool(jnp.all(jnp.diff(info.energies) <= 0)), bool(info.energy_rose)
+    (True, False)
+
+    ```
     """
 
     needs_gradient_field: ClassVar[bool] = True

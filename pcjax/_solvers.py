@@ -70,6 +70,8 @@ NOT_CONVERGED_MESSAGE = (
 class InferInfo(NamedTuple):
     r"""What inference reports besides the relaxed states.
 
+    **Fields** (scalar arrays, unless said otherwise):
+
     - `energy`: the energy at the returned states.
     - `diverged`: True if the energy or the state gradient at the returned states is non-finite
       (a NaN or inf reached at any step persists in the states).
@@ -96,6 +98,21 @@ class InferInfo(NamedTuple):
       the states are near a stationary point; for non-smooth ones (ReLU, max pooling) the field
       need not vanish at the minimum: use `pcjax.equilibrium_gap`.
     - `initial_grad_norm`: the largest per-sample field norm at the start.
+
+    Solvers fill every field but `energies`; a field a solver does not report is None.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.GradientDescent(5, record_energy=True)
+    >>> _, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> info.energies.shape, bool(jnp.all(jnp.diff(info.energies) < 0))
+    ((5,), True)
+    >>> int(info.evaluations), float(info.relative_grad_norm) < 1.0
+    (6, True)
+
+    ```
     """
 
     energy: Array
@@ -443,6 +460,21 @@ class GradientDescent(AbstractSolver):
       steps (convolutions in rolled loops are slow on CPU), rolled beyond.
     - `throw`: raise at run time if the energy diverges or `tol` is not reached (see the
       module docstring for what `jax.jit` and `eqx.filter_jit` show).
+
+    **Raises:** `ValueError` for `steps` not a positive int, a step size that is not a
+    positive finite number, or an optimizer whose first update ascends the gradient.
+
+    **Example** ([setup][examples-setup]): stop each sample at a field norm of 0.01.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.GradientDescent(200, step_size=0.2, tol=1e-2)
+    >>> states, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> bool(info.converged), bool(info.grad_norm <= 1e-2), int(info.steps) < 200
+    (True, True, True)
+    >>> momentum = pc.GradientDescent(20, optax.sgd(0.1, momentum=0.5))  # any optax optimizer
+
+    ```
     """
 
     steps: int = eqx.field(static=True)
@@ -618,6 +650,20 @@ class ODE(AbstractSolver):
 
     Every step also evaluates the field once for the event; `InferInfo.evaluations` counts
     every evaluation (stages of accepted and rejected steps, event checks, the final report).
+
+    **Raises:** `ValueError` for a `tol` of None with an infinite `t1`, a solver that is not
+    an explicit diffrax solver, or tolerances and step sizes that are not positive.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.ODE(tol=1e-3)  # Heun with adaptive steps, up to the steady state
+    >>> states, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> bool(info.converged), bool(info.grad_norm <= 1e-3)
+    (True, True)
+
+    ```
     """
 
     solver: Any
@@ -792,6 +838,22 @@ class ConjugateGradient(AbstractSolver):
     `InferInfo.steps` is the scheduled CG iterations, `steps * newton_steps`;
     `evaluations` counts one per linearisation and one per Hessian-vector product, plus
     the final report.
+
+    **Raises:** `ValueError` for `steps` or `newton_steps` not a positive int;
+    [pcjax.infer][] raises one for a stochastic state optimizer or a non-Gaussian energy it
+    cannot solve.
+
+    **Example** ([setup][examples-setup]): a few Newton-CG rounds relax the states far
+    below the tolerance that gradient descent reaches in as many field evaluations.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.ConjugateGradient(4, newton_steps=3)
+    >>> states, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> bool(info.relative_grad_norm < 1e-3), int(info.steps)
+    (True, 12)
+
+    ```
     """
 
     needs_gradient_field: ClassVar[bool] = True
