@@ -75,7 +75,7 @@ def _check_positive(name: str, value: Array, floor: float) -> None:
 
 
 class Precision(eqx.Module):
-    """Base class of the learnable precision modules (see the module docstring):
+    r"""Base class of the learnable precision modules (see the module docstring):
     [pcjax.ScalarPrecision][], [pcjax.DiagonalPrecision][] and [pcjax.FullPrecision][].
 
     **Arguments:**
@@ -142,7 +142,7 @@ class DiagonalPrecision(Precision):
     **Arguments:**
 
     - `values`: the positive precisions $p$ (above `floor`), of the shapes above.
-    - `floor`: $f \ge 0$, a lower bound that $p$ never crosses; default 0.
+    - `floor`: $f \\ge 0$, a lower bound that $p$ never crosses; default 0.
     - `dtype`: of the parameters; None takes that of floating-point `values`, else JAX's
       default float.
 
@@ -171,7 +171,7 @@ class DiagonalPrecision(Precision):
         self.log_values = jnp.log(values - floor)
 
     def values(self) -> Array:
-        """The precisions $p = f + e^{\theta}$.
+        """The precisions $p = f + e^{\\theta}$.
 
         **Returns:** an array of the shape of the `values` the module was made with.
 
@@ -235,7 +235,7 @@ class ScalarPrecision(DiagonalPrecision):
     **Arguments:**
 
     - `value`: the precision $p > $ `floor`, a scalar; default 1.
-    - `floor`: $f \ge 0$, a lower bound that $p$ never crosses; default 0.
+    - `floor`: $f \\ge 0$, a lower bound that $p$ never crosses; default 0.
     - `dtype`: of the parameter; None: as for [pcjax.DiagonalPrecision][].
 
     **Raises:** `ValueError` for a `value` that is not a scalar, or not finite and above
@@ -266,7 +266,7 @@ class ScalarPrecision(DiagonalPrecision):
         super().__init__(value, floor=floor, dtype=dtype)
 
     def value(self) -> Array:
-        """The precision $p = f + e^{\theta}$.
+        """The precision $p = f + e^{\\theta}$.
 
         **Returns:** a scalar array.
 
@@ -291,7 +291,7 @@ class FullPrecision(Precision):
 
     - `matrix`: the symmetric positive definite precision matrix $P$, shape
       `(features, features)` for a node whose last axis has `features` entries.
-    - `floor`: $f \ge 0$; $P - f I$ stays positive definite; default 0.
+    - `floor`: $f \\ge 0$; $P - f I$ stays positive definite; default 0.
     - `dtype`: of the parameters; None takes that of a floating-point `matrix`, else JAX's
       default float.
 
@@ -344,7 +344,7 @@ class FullPrecision(Precision):
         return jnp.tril(self.raw, -1) + jnp.diag(jnp.exp(jnp.diag(self.raw)))
 
     def matrix(self) -> Array:
-        """The precision matrix $P = L L^\top + f I$.
+        """The precision matrix $P = L L^\\top + f I$.
 
         **Returns:** a `(features, features)` symmetric positive definite array.
 
@@ -678,7 +678,7 @@ def update_precision_natural(
     for an unknown `method`, a step size that is not positive, a `safeguard` outside
     $(0, 1)$ or a node without errors.
 
-    **Example:** repeated steps approach the fixed point $P = \mathbb{E}[e^2]^{-1} = 4$.
+    **Example:** repeated steps approach the fixed point $P = \\mathbb{E}[e^2]^{-1} = 4$.
 
     ```pycon
     >>> errors = {"y": jnp.array([[0.5], [-0.5]])}
