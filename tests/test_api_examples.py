@@ -83,9 +83,11 @@ def setup_globals() -> dict:
 
 
 def doctests(name: str) -> list[doctest.DocTest]:
-    """The doctests of a public name's docstring and of its class's own methods."""
+    """The doctests of a public name's docstring and of its class's own methods (a module's
+    own docstring only: its public names are tested one by one)."""
     obj = OBJECTS[name]
-    finder = doctest.DocTestFinder(parser=FencedParser(), exclude_empty=True)
+    recurse = not inspect.ismodule(obj)
+    finder = doctest.DocTestFinder(parser=FencedParser(), recurse=recurse, exclude_empty=True)
     module = inspect.getmodule(obj)
     return finder.find(obj, name, module=module, globs={})
 
