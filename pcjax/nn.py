@@ -518,7 +518,7 @@ class ResNet(eqx.Module):
       the output size.
     - `depth`: the number of residual blocks, at least 1.
     - `key`: keyword, required: the `jax.random` key of the initialisation.
-    - `mupc`: scale the branches by muPC's $1/\sqrt{N L}$; default False.
+    - `mupc`: scale the branches by muPC's $1/\\sqrt{N L}$; default False.
     - `branch_scale`: the branch multiplier $s$ without `mupc`; default 1.
     - `scan_layers`: stack the blocks and run them in a `lax.scan`; default False.
     - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
@@ -1003,8 +1003,9 @@ class TransformerBlock(eqx.Module):
     ```pycon
     >>> model = pc.nn.TransformerBlock(4, 2, 8, 3, key=jax.random.key(0))
     >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((2, 5, 4)))  # batch 2, length 5
-    >>> {name: state.shape for name, state in states.items()}
-    {'attn': (2, 5, 4), 'res1': (2, 5, 4), 'mlp_hidden': (2, 5, 8), 'res2': (2, 5, 4), 'out': (2, 3)}
+    >>> {name: state.shape for name, state in states.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'attn': (2, 5, 4), 'res1': (2, 5, 4), 'mlp_hidden': (2, 5, 8),
+     'res2': (2, 5, 4), 'out': (2, 3)}
 
     ```
     """
@@ -1040,8 +1041,8 @@ class TransformerBlock(eqx.Module):
 
 
 class Transformer(eqx.Module):
-    """`depth` pre-norm Transformer blocks (as in [pcjax.nn.TransformerBlock][]) on a `(sequence, d_model)`
-    sample, then a dense read-out of the mean over the sequence.
+    """`depth` pre-norm Transformer blocks (as in [pcjax.nn.TransformerBlock][]) on a
+    `(sequence, d_model)` sample, then a dense read-out of the mean over the sequence.
 
     Nodes, unrolled (default): `block{i}_attn`, `block{i}_res1`, `block{i}_mlp_hidden`,
     `block{i}_res2` per block (with `nodes="op"` also `block{i}_q`, `_k`, `_v`, `_scores`), and
