@@ -99,10 +99,10 @@ class TrainInfo(NamedTuple):
     **Example** ([setup][examples-setup]):
 
     ```pycon
-    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(8)), optax.sgd(0.1))
+    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(4)), optax.sgd(0.1))
     >>> _, _, info = step(params, optax.sgd(0.1).init(params), x, {"y": y})
     >>> int(info.inference_steps), bool(info.diverged), info.grad_norm.shape
-    (8, False, ())
+    (4, False, ())
 
     ```
     """
@@ -172,11 +172,11 @@ class Equilibrium(AbstractRule):
     **Example** ([setup][examples-setup]):
 
     ```pycon
-    >>> rule = pc.Equilibrium(pc.GradientDescent(8))
+    >>> rule = pc.Equilibrium(pc.GradientDescent(4))
     >>> step = pc.make_train_step(fn, rule, optax.sgd(0.1))
     >>> params, opt_state, info = step(params, optax.sgd(0.1).init(params), x, {"y": y})
     >>> int(info.inference_steps)
-    8
+    4
 
     ```
     """
@@ -454,7 +454,7 @@ class Amortised(AbstractRule):
     >>> def amortiser(params, x, observed):
     ...     return {"h": jnp.tanh(x @ params["q"])}
     >>> both = {**params, "q": jnp.zeros((3, 4))}
-    >>> rule = pc.Amortised(pc.GradientDescent(4), amortiser)
+    >>> rule = pc.Amortised(pc.GradientDescent(2), amortiser)
     >>> step = pc.make_train_step(fn, rule, optax.sgd(0.1))
     >>> new, opt_state, info = step(both, optax.sgd(0.1).init(both), x, {"y": y})
     >>> bool(jnp.any(new["q"] != 0))  # the amortiser learned from the relaxed states
@@ -576,14 +576,14 @@ def make_train_step(
 
     ```pycon
     >>> optimizer = optax.adam(1e-2)
-    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(8)), optimizer)
+    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(4)), optimizer)
     >>> opt_state = optimizer.init(params)
     >>> for i in range(3):
     ...     params, opt_state, info = step(params, opt_state, x, {"y": y})
     ...     print(round(float(info.energy), 3))
-    0.451
-    0.42
-    0.389
+    0.473
+    0.441
+    0.411
 
     ```
     """

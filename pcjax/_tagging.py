@@ -281,7 +281,7 @@ def mixed_precision(
     >>> states = pc.forward_init(net, params, x)
     >>> states["h"].dtype, net(params, x).dtype
     (dtype('float32'), dtype(bfloat16))
-    >>> step = pc.make_train_step(net, pc.Equilibrium(pc.GradientDescent(8)), optax.sgd(0.1))
+    >>> step = pc.make_train_step(net, pc.Equilibrium(pc.GradientDescent(4)), optax.sgd(0.1))
 
     ```
     """

@@ -21,6 +21,7 @@ import inspect
 import re
 from pathlib import Path
 
+import jax
 import pytest
 
 import pcjax
@@ -72,7 +73,18 @@ class FencedParser(doctest.DocTestParser):
 
 
 @pytest.fixture(scope="module")
-def setup_globals() -> dict:
+def fast_compiles():
+    """Compile without XLA's optimisations while the examples run: they are tiny, so what
+    they cost is compiling (eager dispatch compiles each new primitive and shape), and this
+    cuts it by about a third (measured: 52 -> 34 s of CPU time for the whole file)."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def setup_globals(fast_compiles) -> dict:
     """The namespace after the code block of "The examples' setup" on the API index page."""
     page = SETUP_PAGE.read_text()
     section = page.split("{ #examples-setup }", 1)[1]
