@@ -90,10 +90,10 @@ class Backtracking(AbstractSolver):
     own step size.
 
     **Validity.** The test compares energies along $-g$, so the field must be the gradient of
-    the energy that is reported: standard PC or `pcjax.error_parameterised`. With
-    `pcjax.fixed_predictions` or `pcjax.preconditioned` the field is not $\partial F /
-    \partial x$ and its direction need not lower $F$ at any step size; `pcjax.infer` and the
-    learning rules refuse them (use `pcjax.GradientDescent` or `pcjax.ODE` there).
+    the energy that is reported: standard PC or [pcjax.error_parameterised][]. With
+    [pcjax.fixed_predictions][] or [pcjax.preconditioned][] the field is not $\partial F /
+    \partial x$ and its direction need not lower $F$ at any step size; [pcjax.infer][] and the
+    learning rules refuse them (use [pcjax.GradientDescent][] or [pcjax.ODE][] there).
 
     **Cost.** One field evaluation (energy and gradient together) per proposal, a rejected
     one included, plus one at the start; `InferInfo.evaluations` counts them all (and the

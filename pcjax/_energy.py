@@ -8,7 +8,7 @@ $$F = \\sum_i \\Big[\\tfrac12 \\sum_n e_{i,n}^\\top P_i\\, e_{i,n}
 
 summed over the error vectors $n$ (the batch), so that each sample's states see only their own
 energy and the state step size does not depend on the batch size. The log-det term is included
-for precision modules (`pcjax.ScalarPrecision`, ...) and left out for fixed precision arrays,
+for precision modules ([pcjax.ScalarPrecision][], ...) and left out for fixed precision arrays,
 for which it is a constant (see `pcjax._precision`).
 """
 

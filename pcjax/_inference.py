@@ -1,8 +1,8 @@
 r"""Inference (relaxation): the free states descend the energy, with any solver.
 
 `pcjax.infer(fn, params, states, x, observed, solver=...)` builds the state field of `fn`'s
-energy (or of a transformation of it, `pcjax.fixed_predictions` / `pcjax.preconditioned`) at
-fixed parameters and hands it to the solver (`pcjax.GradientDescent`, `pcjax.ODE`). Standard PC
+energy (or of a transformation of it, [pcjax.fixed_predictions][] / [pcjax.preconditioned][]) at
+fixed parameters and hands it to the solver ([pcjax.GradientDescent][], [pcjax.ODE][]). Standard PC
 differentiates the energy with `jax.grad`:
 
 $$\frac{\partial F}{\partial x_i} = P_i e_i - \sum_{c \in \text{children}(i)}

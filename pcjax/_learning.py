@@ -4,7 +4,7 @@ At relaxed states the gradient of $F$ with respect to the parameters $\theta_i$ 
 $i$'s prediction is local: $\partial F / \partial \theta_i =
 -(\partial \mu_i / \partial \theta_i)^\top P_i e_i$, which for a dense layer
 $\mu = W f(x) + b$ is the Hebbian rule $\partial F / \partial W = -P e\, f(x)^\top$.
-The training step that applies them is `pcjax.make_train_step` (`_rules.py`).
+The training step that applies them is [pcjax.make_train_step][] (`_rules.py`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def param_grads(
     these gradients (divide by the batch size for a mean). Works with any pytree of parameters,
     equinox modules included.
 
-    **Raises:** `TypeError` for a Python float in `params` (see `pcjax.make_train_step`) and for
+    **Raises:** `TypeError` for a Python float in `params` (see [pcjax.make_train_step][]) and for
     the keyword `fixed_predictions=` (removed in pcjax 0.3: pass `pcjax.fixed_predictions(fn)`);
     `ValueError` as [pcjax.energy][].
 

@@ -1,6 +1,6 @@
 r"""Energy transformations: what inference descends and what learning differentiates.
 
-A tagged forward function `fn(params, x)` defines the energy $F(x; \theta)$ (`pcjax.energy`).
+A tagged forward function `fn(params, x)` defines the energy $F(x; \theta)$ ([pcjax.energy][]).
 Everywhere pcjax takes `fn` it also takes a transformation of it:
 
 - `pcjax.fixed_predictions(fn)`: the fixed-prediction assumption (FPA). The predictions and their
@@ -352,11 +352,11 @@ def bidirectional(
     **Raises:** `ValueError` for a negative weight, and where it is used for a top-down
     prediction of an unknown node or of the wrong shape.
 
-    Works with `pcjax.infer`, `pcjax.energy`, `pcjax.param_grads`, `pcjax.Equilibrium`,
-    `pcjax.Incremental`, `pcjax.Amortised` and `pcjax.preconditioned` (each node's whole field
-    times the inverse of its `up` precision). `pcjax.fixed_predictions`,
-    `pcjax.error_parameterised`, `pcjax.Nudged` and the Fisher statistics of
-    `pcjax.natural_gradient` / `precision_weighted_gradient` refuse it.
+    Works with [pcjax.infer][], [pcjax.energy][], [pcjax.param_grads][], [pcjax.Equilibrium][],
+    [pcjax.Incremental][], [pcjax.Amortised][] and [pcjax.preconditioned][] (each node's whole field
+    times the inverse of its `up` precision). [pcjax.fixed_predictions][],
+    [pcjax.error_parameterised][], [pcjax.Nudged][] and the Fisher statistics of
+    [pcjax.natural_gradient][] / `precision_weighted_gradient` refuse it.
 
     **Example** ([setup][examples-setup]): `params["v"]` predicts the hidden node from the
     output node.
@@ -449,21 +449,21 @@ def energy(
           - \\tfrac{N_i}{2}\\log\\det P_i\\Big], \\qquad e_i = x_i - \\mu_i,\\quad
           \\mu_i = g_i(\\text{states of the parents of } i),$$
 
-    where the predictions $\\mu_i$ are the values tagged by `pcjax.node` when `fn(params, x)`
+    where the predictions $\\mu_i$ are the values tagged by [pcjax.node][] when `fn(params, x)`
     runs with every tagged node replaced by its state, and the log-det term is present for
     precision modules only.
 
     **Arguments:**
 
     - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it
-      (`pcjax.fixed_predictions`, `pcjax.bidirectional`, ...: its energy at these states).
+      ([pcjax.fixed_predictions][], [pcjax.bidirectional][], ...: its energy at these states).
     - `params`: its parameters (any pytree, e.g. an equinox module).
     - `states`: dict of the free (latent) node states.
     - `x`: the input of `fn` (any pytree, or None).
     - `observed`: dict of the clamped node values (e.g. the label node during training).
       Every tagged node must be in exactly one of `states` and `observed`.
     - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
-      positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
+      positive arrays (scalar or per feature) or precision modules ([pcjax.ScalarPrecision][],
       `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
       stored in (and learned with) the parameters. Only the modules it returns are learned: a
       plain array it returns is fixed (it gets a zero gradient, having no log-det term; an
@@ -571,7 +571,7 @@ def preconditioned(fn: Callable[..., Any] | EnergyModel) -> Preconditioned:
     $\dot x_i = -P_i^{-1} \partial F / \partial x_i$.
 
     The fixed points (and so the relaxed states and the learning signal) are those of `fn`'s
-    energy, standard or `pcjax.fixed_predictions`; only the path to them changes: each node's
+    energy, standard or [pcjax.fixed_predictions][]; only the path to them changes: each node's
     own error term relaxes at a rate independent of its precision. Nodes without a precision
     module or array keep their gradient.
 
@@ -621,10 +621,10 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
     $\varepsilon \mapsto x$ is triangular with identity diagonal blocks), and learning takes
     $\partial F / \partial \theta$ at the relaxed states, as standard PC does.
 
-    `pcjax.infer` and the learning rules take and return states; the solver runs on the errors
+    [pcjax.infer][] and the learning rules take and return states; the solver runs on the errors
     (start: the given states' errors, zero at the feedforward pass), and `InferInfo.grad_norm`
-    and `tol` refer to the error field. Composes with `pcjax.preconditioned` (each error's
-    field times its node's inverse precision). `pcjax.fixed_predictions` and `pcjax.Nudged`
+    and `tol` refer to the error field. Composes with [pcjax.preconditioned][] (each error's
+    field times its node's inverse precision). [pcjax.fixed_predictions][] and [pcjax.Nudged][]
     refuse it.
 
     **Arguments:**
@@ -661,9 +661,9 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
 class Context(NamedTuple):
     """What a training step hands its optimizer, as the optax extra argument `context`.
 
-    `pcjax.natural_gradient` and `pcjax.precision_weighted_gradient` compute their statistics
+    [pcjax.natural_gradient][] and [pcjax.precision_weighted_gradient][] compute their statistics
     from it, at `linearisation_point()`: the relaxed states (standard PC), the feedforward pass
-    (`pcjax.fixed_predictions`; nudging, whose gradient estimates that of the loss at the free
+    ([pcjax.fixed_predictions][]; nudging, whose gradient estimates that of the loss at the free
     equilibrium), or the current states of an incremental step. Other transforms ignore it.
 
     **Fields:**
@@ -715,7 +715,7 @@ def forward_init(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> N
 
     These are the usual initial states for inference: with them, every latent prediction error
     is zero and only clamped (observed) nodes carry error. Nodes tagged under `jax.vmap` or in
-    a `lax.scan` body come batched / stacked (see `pcjax.node`). `fn` may be an energy
+    a `lax.scan` body come batched / stacked (see [pcjax.node][]). `fn` may be an energy
     transformation (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
     `pcjax.error_parameterised(fn)`, `pcjax.bidirectional(up, down)`): the feedforward pass is
     that of the underlying function (`up` for bPC).
@@ -753,12 +753,12 @@ def prediction_errors(
     x: Any,
     observed: Mapping[str, Array] | None = None,
 ) -> Nodes:
-    r"""Every node's prediction error $e_i = x_i - \mu_i$ (same arguments as `pcjax.energy`):
+    r"""Every node's prediction error $e_i = x_i - \mu_i$ (same arguments as [pcjax.energy][]):
     the errors that the energy of `fn` weighs by the precisions.
 
     For an energy transformation, those of the transformed energy: with
     `pcjax.fixed_predictions(fn)` the errors against the frozen feedforward predictions,
-    $x_i - \mu_i(\hat x)$; with `pcjax.error_parameterised` and `pcjax.preconditioned`, which
+    $x_i - \mu_i(\hat x)$; with [pcjax.error_parameterised][] and [pcjax.preconditioned][], which
     change the inference path but not the energy, those of the energy they transform; with
     `pcjax.bidirectional(up, down)` the bottom-up errors of `up` (its top-down errors are
     $x_i - \nu_i$ with $\nu$ = `down(params, values)`).

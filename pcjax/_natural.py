@@ -18,7 +18,7 @@ Three modes of `natural_gradient`, with the statistics produced by `fisher_stati
 - `"diagonal"`: $G[W_{kj}] = A_{kk} P_{jj}$, a division per entry;
 - `"kronecker"`: $(G + \\lambda I)^{-1} g$ for $G = A \\otimes P$, solved exactly through the
   eigendecompositions of $A$ and $P$, for every dense layer tagged as a node (found in the
-  traced program, `pcjax._dense`: `pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`, under `vmap`,
+  traced program: [pcjax.dense][], `eqx.nn.Linear`, `h @ w + b`, under `vmap`,
   in `lax.scan` bodies with shared or stacked weights);
 - `"matrix_free"`: any tagged function: $(G + \\lambda I) u = g$ solved by conjugate gradients
   with $G v = \\frac1B J^\\top P J v$ from `jax.linearize` and its transpose, over the parameters
@@ -155,13 +155,13 @@ def fisher_statistics(
     - `"matrix_free"`: a `FisherOperator` for the whole tagged function.
 
     Pass the result to the optimizer as `optimizer.update(grads, state, params, fisher=...)`
-    when you call it yourself; inside `pcjax.make_train_step`, `pcjax.natural_gradient`
+    when you call it yourself; inside [pcjax.make_train_step][], [pcjax.natural_gradient][]
     computes them from the step's `context` instead.
 
     `fn` may be an energy transformation: the statistics are those of the underlying
     function's predictions, taken where the transformation linearises them (the given states
-    for `pcjax.preconditioned` and `pcjax.error_parameterised`, the feedforward pass for
-    `pcjax.fixed_predictions`, as in a training step's `pcjax.Context`).
+    for [pcjax.preconditioned][] and [pcjax.error_parameterised][], the feedforward pass for
+    [pcjax.fixed_predictions][], as in a training step's [pcjax.Context][]).
 
     **Arguments:** as [pcjax.energy][] (`fn`, `params`, the relaxed free `states`, `x`,
     `observed`, `precision`), plus `mode`: `"diagonal"`, `"kronecker"` (default) or
@@ -170,7 +170,7 @@ def fisher_statistics(
     **Returns:** the statistics above.
 
     **Raises:** `ValueError` for an unknown `mode`, nodes with a custom energy or an in-graph
-    precision, and `pcjax.bidirectional` networks (their top-down network would be left out).
+    precision, and [pcjax.bidirectional][] networks (their top-down network would be left out).
 
     **Example** ([setup][examples-setup]): `w2` feeds the node `y` directly, `w1` does not
     (a `tanh` comes between), so only `w2` has factors.
@@ -243,7 +243,7 @@ def fisher_mask(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> An
 
     **Returns:** a pytree with the structure of the floating-point leaves of `params`
     (`eqx.filter(params, eqx.is_inexact_array)`): True for the weights and biases of the dense
-    layers whose outputs are tagged as nodes (`pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`,
+    layers whose outputs are tagged as nodes ([pcjax.dense][], `eqx.nn.Linear`, `h @ w + b`,
     also under `jax.vmap` and in `lax.scan` bodies), False elsewhere. Pass it as
     `natural_gradient(..., mask=...)` to keep running factors for those leaves only. Found from
     a trace of `fn(params, x)`: no computation is run. For an energy transformation, the dense
@@ -490,7 +490,7 @@ def _diagonal_solve(grad: Array, factors: KroneckerFactors, damping: Array) -> A
 
 def context_statistics(context: Any, mode: str) -> Any:
     """`fisher_statistics` of the given mode at the linearisation point of a training step's
-    `pcjax.Context`."""
+    [pcjax.Context][]."""
     if isinstance(context.model.base, Bidirectional):
         raise ValueError(
             "pcjax: Fisher statistics (natural_gradient, precision_weighted_gradient) of a "
@@ -653,7 +653,7 @@ def natural_gradient(
     """Precondition gradients by the inverse Fisher of the PC model: $(G + \\lambda I)^{-1} g$.
 
     An optax transform that takes its statistics from the extra argument `context` (passed by
-    `pcjax.make_train_step`) or `fisher` (from `pcjax.fisher_statistics`); chain it with a
+    [pcjax.make_train_step][]) or `fisher` (from [pcjax.fisher_statistics][]); chain it with a
     learning rate, e.g.
     `optax.chain(pcjax.natural_gradient("kronecker"), optax.scale_by_learning_rate(0.1))`.
 

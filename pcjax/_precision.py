@@ -518,7 +518,7 @@ def update_precision_ema(
     **Arguments:**
 
     - `precision`: dict of precision modules to re-estimate (its kinds are kept).
-    - `errors`: the nodes' prediction errors, e.g. `pcjax.prediction_errors` at relaxed states.
+    - `errors`: the nodes' prediction errors, e.g. [pcjax.prediction_errors][] at relaxed states.
     - `ema`: the running moments from the previous call; None starts them at this batch's.
     - `decay`: $\\beta$ in [0, 1); `damping`: $\\lambda \\ge 0$.
 
@@ -667,7 +667,7 @@ def update_precision_natural(
     **Arguments:**
 
     - `precision`: dict of precision modules to update (kinds, dtypes and floors are kept).
-    - `errors`: the nodes' prediction errors, e.g. `pcjax.prediction_errors` at relaxed states.
+    - `errors`: the nodes' prediction errors, e.g. [pcjax.prediction_errors][] at relaxed states.
     - `step_size`: $\\eta > 0$ (a number or a scalar array).
     - `method`: `"euler"` (default, with the safeguard) or `"exponential"`.
     - `safeguard`: $c \\in (0, 1)$, the largest fraction by which a step may shrink $P$ (Euler).

@@ -1,7 +1,7 @@
 r"""Learning rules and the training step that composes them.
 
 A training step is a composition (DESIGN.md §6): an energy (`fn`, or a transformation of it:
-`pcjax.fixed_predictions`, `pcjax.preconditioned`), a learning rule that relaxes the states and
+[pcjax.fixed_predictions][], [pcjax.preconditioned][]), a learning rule that relaxes the states and
 produces the parameter gradient, and an optax optimizer that turns it into an update:
 
 ```python
@@ -22,8 +22,8 @@ Rules:
   parameters descend the energy together, one joint backward pass and one parameter update per
   step.
 
-The optimizer receives the extra argument `context` (a `pcjax.Context`) when it takes extra
-arguments (any `optax.chain`, `optax.inject_hyperparams`, ...): `pcjax.natural_gradient`
+The optimizer receives the extra argument `context` (a [pcjax.Context][]) when it takes extra
+arguments (any `optax.chain`, `optax.inject_hyperparams`, ...): [pcjax.natural_gradient][]
 computes its Fisher statistics from it; other transforms ignore it.
 """
 
@@ -81,19 +81,19 @@ class TrainInfo(NamedTuple):
       last joint step, before its update; nudging: the network's own energy, without the
       nudge, at the nudged states).
     - `diverged`: True if that energy or the state gradient there is non-finite; under
-      `pcjax.guarded` also if the update produced a non-finite parameter or optimizer state
+      [pcjax.guarded][] also if the update produced a non-finite parameter or optimizer state
       (the update was then not applied).
     - `inference_steps`: state updates (or accepted ODE steps) made.
-    - `grad_norm`, `converged`, `evaluations`: as in `pcjax.InferInfo` (iPC: the state
+    - `grad_norm`, `converged`, `evaluations`: as in [pcjax.InferInfo][] (iPC: the state
       gradient of its last step; centred nudging: the larger norm of its two relaxations and
       the evaluations of both).
-    - `initial_energy`, `energy_rose`: as in `pcjax.InferInfo`: the energy inference
+    - `initial_energy`, `energy_rose`: as in [pcjax.InferInfo][]: the energy inference
       descended, at its start, and whether it ended above it (a finite run whose steps are
       too large; iPC: the energy of its first and last joint steps; nudging: the nudged
       energy, of either relaxation).
     - `relative_grad_norm`, `initial_grad_norm`: the equilibrium certificate, as in
-      `pcjax.InferInfo` (iPC: the field of its last joint step relative to its first).
-    - `skipped`: under `pcjax.guarded`, 1 if this step's update was not applied (non-finite),
+      [pcjax.InferInfo][] (iPC: the field of its last joint step relative to its first).
+    - `skipped`: under [pcjax.guarded][], 1 if this step's update was not applied (non-finite),
       else 0; sum it over a run to count the skipped steps.
 
     **Example** ([setup][examples-setup]):
@@ -226,9 +226,9 @@ class Nudged(AbstractRule):
     `mode`: `"positive"` $(G(\beta) - G(0))/\beta$, `"negative"` $(G(0) - G(-\beta))/\beta$ or
     `"centred"` $(G(\beta) - G(-\beta))/2\beta$ (bias $O(\beta^2)$), with
     $G(\beta) = \partial_\theta F_\beta$ at the nudged equilibrium; all tend to the gradient of
-    the output loss at the free equilibrium as $\beta \to 0$ (`pcjax._nudging`).
+    the output loss at the free equilibrium as $\beta \to 0$.
     Needs an energy (standard, or preconditioned): the fixed-prediction field is not a
-    gradient, so `pcjax.fixed_predictions` is refused.
+    gradient, so [pcjax.fixed_predictions][] is refused.
 
     **Arguments:**
 
@@ -312,9 +312,9 @@ class Incremental(AbstractRule):
     For `steps` steps from the feedforward pass: one backward pass gives
     $\partial F / \partial x$ and $\partial F / \partial \theta$ at the current states and
     parameters; the states take a step of `optimizer` (default `optax.sgd(step_size)`;
-    `pcjax.langevin` with a key) and the parameters one of the training step's optimizer.
-    With `pcjax.fixed_predictions` the predictions are frozen at the feedforward pass of the
-    current parameters at each step; with `pcjax.preconditioned` the state step is
+    [pcjax.langevin][] with a key) and the parameters one of the training step's optimizer.
+    With [pcjax.fixed_predictions][] the predictions are frozen at the feedforward pass of the
+    current parameters at each step; with [pcjax.preconditioned][] the state step is
     preconditioned.
 
     **Arguments:**

@@ -7,10 +7,10 @@ parameter gradient is a sum over samples). Two ways:
 
 - **`jax.jit` with shardings** (GSPMD): put the batch on a `NamedSharding(mesh, P("data"))`
   (`shard_batch`) and the parameters and optimizer state on a replicated sharding
-  (`replicate`), then call the jitted training step (`pcjax.make_train_step`) as usual. The
+  (`replicate`), then call the jitted training step ([pcjax.make_train_step][]) as usual. The
   program is the single-device one; XLA partitions it.
 - **`jax.shard_map`**: write the per-device program yourself. Each device runs the training
-  step of `pcjax.make_train_step` on its shard of the batch; chain `cross_device_mean(axis)`
+  step of [pcjax.make_train_step][] on its shard of the batch; chain `cross_device_mean(axis)`
   in front of the optimizer so that every device applies the same, globally averaged, update
   (with or without `shard_map`'s type checks, `check_vma`).
 """
@@ -126,7 +126,7 @@ def cross_device_mean(
 
     With $N$ devices, device $d$ computing the gradient $g_d$ of its shard's loss, the update
     on every device becomes $\bar g = \frac1N \sum_d g_d$. With the default
-    `mean_over_batch=True` of `pcjax.make_train_step` each $g_d$ is the mean over its shard;
+    `mean_over_batch=True` of [pcjax.make_train_step][] each $g_d$ is the mean over its shard;
     with equal shards $\bar g$ is the mean over the global batch, so every device applies the
     single-device update and the replicated parameters stay identical.
 

@@ -1,10 +1,11 @@
 r"""Inference solvers: how the free states descend the energy.
 
 A solver integrates a state field $g(x) = \partial F / \partial x$ (or its fixed-prediction or
-preconditioned form, `pcjax._models`) from the initial states:
+preconditioned form: the energy transformations, [pcjax.fixed_predictions][] and
+[pcjax.preconditioned][]) from the initial states:
 
 - `GradientDescent`: $x_{t+1} = x_t + \text{optimizer}(g(x_t))$ for a fixed number of steps, or
-  until every sample's gradient norm is at most `tol`; any optax optimizer, `pcjax.langevin`
+  until every sample's gradient norm is at most `tol`; any optax optimizer, [pcjax.langevin][]
   included (Monte Carlo PC: pass a key).
 - `ODE`: the gradient flow $\dot x = -g(x)$ integrated by a diffrax solver with adaptive step
   sizes, stopped by a steady-state event $\max_n \lVert g_n(x) \rVert \le$ `tol`.
@@ -96,7 +97,7 @@ class InferInfo(NamedTuple):
       the samples $n$, $g = \\partial F / \\partial x$ (1 at step 0; a sample whose start field
       is exactly 0 is at equilibrium and counts 0). For smooth networks a small value means
       the states are near a stationary point; for non-smooth ones (ReLU, max pooling) the field
-      need not vanish at the minimum: use `pcjax.equilibrium_gap`.
+      need not vanish at the minimum: use [pcjax.equilibrium_gap][].
     - `initial_grad_norm`: the largest per-sample field norm at the start.
 
     Solvers fill every field but `energies`; a field a solver does not report is None.
@@ -458,8 +459,8 @@ class GradientDescent(AbstractSolver):
     - `record_energy`: keep the energy before each update (`InferInfo.energies`).
     - `unroll`: unrolling of the `lax.scan` (ignored with `tol`); None: fully unrolled up to 16
       steps (convolutions in rolled loops are slow on CPU), rolled beyond.
-    - `throw`: raise at run time if the energy diverges or `tol` is not reached (see the
-      module docstring for what `jax.jit` and `eqx.filter_jit` show).
+    - `throw`: raise at run time if the energy diverges or `tol` is not reached (see "What
+      `throw=True` raises" at the top of this page for what `jax.jit` and `eqx.filter_jit` show).
 
     **Raises:** `ValueError` for `steps` not a positive int, a step size that is not a
     positive finite number, or an optimizer whose first update ascends the gradient.
@@ -636,7 +637,7 @@ class ODE(AbstractSolver):
       `dt0`).
     - `max_steps`: the most solver steps.
     - `throw`: raise at run time if the energy diverges or `tol` is not reached (read it under
-      `eqx.filter_jit`: see the module docstring).
+      `eqx.filter_jit`: see "What `throw=True` raises" at the top of this page).
 
     **Stiffness.** An explicit solver is stable only for steps below $c / \lambda_{\max}$,
     $\lambda_{\max}$ the largest eigenvalue of the energy's Hessian in the states ($c = 2$
@@ -813,8 +814,8 @@ class ConjugateGradient(AbstractSolver):
     quadratic and one Newton round suffices.
 
     **Validity.** CG needs a symmetric positive definite $H$: the field must be the
-    gradient of an energy (standard PC or `pcjax.error_parameterised`; not
-    `pcjax.fixed_predictions` or `pcjax.preconditioned`, which `pcjax.infer` and the
+    gradient of an energy (standard PC or [pcjax.error_parameterised][]; not
+    [pcjax.fixed_predictions][] or [pcjax.preconditioned][], which [pcjax.infer][] and the
     training rules reject). Where a CG meets non-positive curvature ($p^\top H p \le 0$:
     the PC energy's Hessian is indefinite when errors are large) it stops there and keeps
     the step made so far; if that happens at its first iteration it makes no step, and
@@ -833,7 +834,7 @@ class ConjugateGradient(AbstractSolver):
       returned states against `tol`.
     - `unroll`: unrolling of the CG `lax.scan`.
     - `throw`: raise at run time if the energy diverges or `tol` is not reached (read it under
-      `eqx.filter_jit`: see the module docstring).
+      `eqx.filter_jit`: see "What `throw=True` raises" at the top of this page).
 
     `InferInfo.steps` is the scheduled CG iterations, `steps * newton_steps`;
     `evaluations` counts one per linearisation and one per Hessian-vector product, plus

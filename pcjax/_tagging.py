@@ -9,7 +9,7 @@ one call yields every node's prediction from its parents' *states*. Because the 
 the traced program, it survives `jax.vmap`, `lax.scan`, `jax.jit` (whatever the state of its
 cache) and `jax.checkpoint` inside the function.
 
-`pcjax.dense` marks a dense layer for the Kronecker and diagonal Fisher statistics
+[pcjax.dense][] marks a dense layer for the Kronecker and diagonal Fisher statistics
 (`pcjax._dense`), which find such layers from the same traced program.
 """
 
@@ -55,7 +55,7 @@ def node(
     - `value`: one array, the prediction of the node computed from its parents.
     - `energy`: the node's energy term as a function `(state, prediction) -> scalar` (summed
       over the batch), replacing the default Gaussian $\tfrac12 e^\top P e$; e.g.
-      `pcjax.cross_entropy` for a label node whose prediction is logits. Such nodes take no
+      [pcjax.cross_entropy][] for a label node whose prediction is logits. Such nodes take no
       precision and no natural gradient.
     - `precision`: the node's precision computed by the function itself, an array that
       broadcasts to `value` (e.g. per sample and feature, or `(batch, 1)` per sample), which
@@ -64,8 +64,8 @@ def node(
       $\tfrac12 \sum p\,(x - \mu)^2 - \tfrac12 \sum \log p$ (summed over all entries), so
       the parameters that compute $p$ learn from the same energy as the rest (attention-like,
       input-dependent precision). Such a node takes no `precision=` argument elsewhere; the
-      natural gradient, `pcjax.preconditioned` and nudging it with `pcjax.Nudged` refuse it.
-      With `pcjax.fixed_predictions`, $p$ is frozen at the feedforward pass like $\mu$.
+      natural gradient, [pcjax.preconditioned][] and nudging it with [pcjax.Nudged][] refuse it.
+      With [pcjax.fixed_predictions][], $p$ is frozen at the feedforward pass like $\mu$.
 
     **Returns:** `value`, or the node's state when pcjax substitutes states.
 
@@ -105,9 +105,9 @@ def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
     r"""A dense layer `inputs @ weight + bias` that pcjax's Fisher statistics must find.
 
     It computes exactly `inputs @ weight (+ bias)`. The `"diagonal"` and `"kronecker"` modes
-    of `pcjax.natural_gradient` find dense layers tagged as nodes by themselves (`h @ w + b`,
-    `eqx.nn.Linear`, under `jax.vmap` and in `lax.scan` bodies, see `pcjax.fisher_mask`);
-    `pcjax.dense` additionally makes it an error if this layer is not found: its output is not
+    of [pcjax.natural_gradient][] find dense layers tagged as nodes by themselves (`h @ w + b`,
+    `eqx.nn.Linear`, under `jax.vmap` and in `lax.scan` bodies, see [pcjax.fisher_mask][]);
+    [pcjax.dense][] additionally makes it an error if this layer is not found: its output is not
     tagged directly, `pcjax.node(name, pcjax.dense(h, w, b))`, or its weight is not a
     parameter leaf itself (a transformed copy). Its Fisher is $\mathbb{E}[h h^\top] \otimes P$.
 
@@ -181,7 +181,7 @@ def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
 
     These are the usual initial states for inference: with them, every latent prediction error
     is zero and only clamped (observed) nodes carry error. Nodes tagged under `jax.vmap` or in
-    a `lax.scan` body come batched / stacked (see `pcjax.node`).
+    a `lax.scan` body come batched / stacked (see [pcjax.node][]).
 
     **Returns:** a dict mapping node names to arrays.
     """
@@ -228,7 +228,7 @@ def offset_predictions(
 ) -> Nodes:
     r"""Every node's prediction in the forward pass where each node in `errors` takes the
     value $\mu_i + \varepsilon_i$ and each node in `observed` its observed value (the error
-    parameterisation, `pcjax.error_parameterised`)."""
+    parameterisation, [pcjax.error_parameterised][])."""
     return run_tagged(fn, params, x, observed, errors)[1]
 
 

@@ -1,15 +1,15 @@
-"""Model builders made of equinox layers that tag their PC nodes: `pcjax.nn`.
+"""Model builders made of equinox layers that tag their PC nodes: [pcjax.nn][].
 
 Every model is a *per-sample* equinox module built from `eqx.nn` layers (`Linear`, `Conv2d`,
 `LayerNorm`, `MultiheadAttention`, `LSTMCell`, `GRUCell`) whose `__call__` tags its
-intermediate values with `pcjax.node`, exactly as you would tag your own equinox model. Hand it
+intermediate values with [pcjax.node][], exactly as you would tag your own equinox model. Hand it
 to pcjax as `fn=pcjax.nn.call, params=model`: `call(model, x)` is `jax.vmap(model)(x)` over the
 leading batch axis of `x`, so every node's state is batched with the batch axis first. Nodes
 inside a `lax.scan` (recurrent models over time, `scan_layers=True` stacks over depth) are
 stacked along a leading axis of the scan length, before the batch axis: `(T, batch, ...)`.
 The node names are listed by `pcjax.forward_init(pcjax.nn.call, model, x)`.
 
-Every builder takes `output_energy` (e.g. `pcjax.cross_entropy` for a classifier whose output
+Every builder takes `output_energy` (e.g. [pcjax.cross_entropy][] for a classifier whose output
 node holds logits); the default is the Gaussian energy. Dense layers are plain `eqx.nn.Linear`
 layers whose outputs are tagged directly (`pcjax.node(name, linear(h))`), which the natural
 gradient's dense-layer detection finds under `jax.vmap` and `lax.scan`.
@@ -92,7 +92,7 @@ def call(model: Callable[[Any], Array], x: Any) -> Array:
 
     **Arguments:**
 
-    - `model`: a per-sample model (a `pcjax.nn` builder, or any function of one sample).
+    - `model`: a per-sample model (a [pcjax.nn][] builder, or any function of one sample).
     - `x`: the batch, batch axis first (a pytree: every leaf is mapped over its first axis).
 
     **Returns:** the model's outputs, batch first.
