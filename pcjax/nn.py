@@ -1068,10 +1068,10 @@ class Transformer(eqx.Module):
     **Example:**
 
     ```pycon
-    >>> model = pc.nn.Transformer(4, 2, 8, 3, depth=2, key=jax.random.key(0), scan_layers=True)
-    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((2, 5, 4)))
-    >>> states["block_res2"].shape, states["out"].shape
-    ((2, 2, 5, 4), (2, 3))
+    >>> model = pc.nn.Transformer(4, 2, 8, 3, depth=1, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((2, 5, 4)))  # batch 2, length 5
+    >>> sorted(states)
+    ['block0_attn', 'block0_mlp_hidden', 'block0_res1', 'block0_res2', 'out']
 
     ```
     """

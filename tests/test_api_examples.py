@@ -158,16 +158,3 @@ def test_every_public_name_documents_arguments_returns_and_an_example():
         if lacking:
             missing[f"pcjax.{method}"] = sorted(lacking)
     assert not missing, f"{len(missing)} public names lack sections: {missing}"
-
-
-def test_docstrings_hold_no_control_characters():
-    """A backslash of the maths in a docstring that is not raw (`"$e^{\\theta}$"`, with one
-    backslash) is an escape: a tab, a backspace, a form feed. Ask for the escaped text."""
-    bad = {}
-    for name, obj in sorted(OBJECTS.items()):
-        for test_obj in [obj, *vars(obj).values()] if inspect.isclass(obj) else [obj]:
-            doc = getattr(test_obj, "__doc__", None) or ""
-            found = sorted({repr(c) for c in doc if c in "\t\b\f\a\v\r"})
-            if found and isinstance(doc, str):
-                bad[f"{name}.{getattr(test_obj, '__name__', '')}"] = found
-    assert not bad, f"docstrings with control characters (an unescaped backslash?): {bad}"
