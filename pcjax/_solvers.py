@@ -624,18 +624,25 @@ class ODE(AbstractSolver):
     are where gradient descent converges too, so any step rule reaches the same equilibrium;
     the adaptive controller takes large steps where the flow is slow.
 
-    **Arguments:**
+    **Main arguments:**
 
-    - `solver`: an explicit diffrax solver; default `diffrax.Heun()` (two evaluations a step).
-    - `tol`: the steady-state tolerance on the per-sample gradient norm; None integrates to
-      `t1` (which must then be finite).
+    - `solver`: an explicit diffrax solver; default None (`diffrax.Heun()`, two evaluations
+      a step).
+    - `tol`: the steady-state tolerance on the per-sample gradient norm; default 1e-3; None
+      integrates to `t1` (which must then be finite).
+    - `dtmax`: the largest step of the default `diffrax.PIDController`; default 0.5 (see
+      *Stiffness* below).
+
+    **Other arguments** (keyword-only):
+
     - `t1`: the end time (default infinity: stop at the event).
-    - `dt0`: the first step size.
-    - `rtol`, `atol`, `dtmax`: the tolerances and largest step of the default
-      `diffrax.PIDController`; or pass `stepsize_controller` (e.g.
+    - `dt0`: the first step size; default 0.1.
+    - `rtol`, `atol`: the tolerances of the default `diffrax.PIDController`; default 1e-3
+      and 1e-4.
+    - `stepsize_controller`: replaces the default controller (e.g.
       `diffrax.ConstantStepSize()`, which makes `diffrax.Euler` gradient descent with step
-      `dt0`).
-    - `max_steps`: the most solver steps.
+      `dt0`); default None.
+    - `max_steps`: the most solver steps; default 4096.
     - `throw`: raise at run time if the energy diverges or `tol` is not reached (read it under
       `eqx.filter_jit`: see "What `throw=True` raises" at the top of this page).
 
