@@ -349,8 +349,9 @@ def bidirectional(
 
     **Returns:** the energy model, used in place of a tagged function.
 
-    **Raises:** `ValueError` for a negative weight, and where it is used for a top-down
-    prediction of an unknown node or of the wrong shape.
+    **Raises:** `TypeError` for an `up` that is not a plain tagged function or a `down` that
+    is not callable; `ValueError` for a negative weight, and where it is used for a `down`
+    that returns no dict, or a prediction of an unknown node or of the wrong shape.
 
     Works with [pcjax.infer][], [pcjax.energy][], [pcjax.param_grads][], [pcjax.Equilibrium][],
     [pcjax.Incremental][], [pcjax.Amortised][] and [pcjax.preconditioned][] (each node's whole field
@@ -530,8 +531,8 @@ def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:
 
     **Returns:** the transformed energy model, used in place of `fn`.
 
-    **Raises:** `ValueError` (here or where it is used) for [pcjax.error_parameterised][],
-    [pcjax.bidirectional][] and nodes whose precision the function computes.
+    **Raises:** `ValueError` for a network already transformed by
+    [pcjax.error_parameterised][] or [pcjax.bidirectional][].
 
     **Example** ([setup][examples-setup]): the equilibrium errors are the backprop gradients.
 
@@ -633,8 +634,9 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
 
     **Returns:** the transformed energy model, used in place of `fn`.
 
-    **Raises:** `ValueError` for an energy transformation it cannot compose with (above), and
-    where it is used for a node inside `lax.scan` or `jax.vmap` whose errors it cannot order.
+    **Raises:** `ValueError` for a network already transformed by another energy
+    transformation ([pcjax.fixed_predictions][], [pcjax.bidirectional][]); wrap it in
+    [pcjax.preconditioned][] after, not before.
 
     **Example** ([setup][examples-setup]): the output error reaches the hidden node at once.
 

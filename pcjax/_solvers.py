@@ -659,8 +659,9 @@ class ODE(AbstractSolver):
     Every step also evaluates the field once for the event; `InferInfo.evaluations` counts
     every evaluation (stages of accepted and rejected steps, event checks, the final report).
 
-    **Raises:** `ValueError` for a `tol` of None with an infinite `t1`, a solver that is not
-    an explicit diffrax solver, or tolerances and step sizes that are not positive.
+    **Raises:** `TypeError` for a `solver` or `stepsize_controller` that is not diffrax's;
+    `ValueError` for a `tol` of None with an infinite `t1`, an implicit solver, or a `t1`,
+    `dt0` or tolerance that is not positive.
 
     **Example** ([setup][examples-setup]):
 
@@ -847,9 +848,8 @@ class ConjugateGradient(AbstractSolver):
     `evaluations` counts one per linearisation and one per Hessian-vector product, plus
     the final report.
 
-    **Raises:** `ValueError` for `steps` or `newton_steps` not a positive int;
-    [pcjax.infer][] raises one for a stochastic state optimizer or a non-Gaussian energy it
-    cannot solve.
+    **Raises:** `ValueError` for `steps` or `newton_steps` not a positive int; with
+    `per_sample=True`, in [pcjax.infer][], for a state without the batch's sample axis.
 
     **Example** ([setup][examples-setup]): a few Newton-CG rounds relax the states far
     below the tolerance that gradient descent reaches in as many field evaluations.
