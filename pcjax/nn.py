@@ -822,10 +822,10 @@ class GRU(eqx.Module):
     **Example:**
 
     ```pycon
-    >>> model = pc.nn.GRU(2, 3, 2, key=jax.random.key(0), scan=False)
+    >>> model = pc.nn.GRU(2, 3, 2, key=jax.random.key(0))
     >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((4, 2, 2)))  # batch 4, time 2
-    >>> {name: state.shape for name, state in states.items()}
-    {'h0': (4, 3), 'h1': (4, 3), 'out': (4, 2)}
+    >>> {name: state.shape for name, state in states.items()}  # h: stacked over time
+    {'h': (2, 4, 3), 'out': (4, 2)}
 
     ```
     """
