@@ -11,7 +11,10 @@
   equinox/diffrax markdown style: `**Arguments:**`, `**Returns:**`, `**Example:**`), except
   the few of `EXEMPT`, each with its reason.
 
-Budget: the whole doctest run takes about ... s on one core (eager code, tiny shapes).
+Cost, measured on one core (`taskset -c 0`): 31 s of CPU time for this file (29 s for the
+examples, which compile: eager dispatch compiles every new primitive and shape once; 52 s with
+XLA's optimisations on). Keep new examples on the setup's network and shapes, which are compiled
+already.
 """
 
 from __future__ import annotations
