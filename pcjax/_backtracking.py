@@ -90,10 +90,10 @@ class Backtracking(AbstractSolver):
     own step size.
 
     **Validity.** The test compares energies along $-g$, so the field must be the gradient of
-    the energy that is reported: standard PC or `pcjax.error_parameterised`. With
-    `pcjax.fixed_predictions` or `pcjax.preconditioned` the field is not $\partial F /
-    \partial x$ and its direction need not lower $F$ at any step size; `pcjax.infer` and the
-    learning rules refuse them (use `pcjax.GradientDescent` or `pcjax.ODE` there).
+    the energy that is reported: standard PC or [pcjax.error_parameterised][]. With
+    [pcjax.fixed_predictions][] or [pcjax.preconditioned][] the field is not $\partial F /
+    \partial x$ and its direction need not lower $F$ at any step size; [pcjax.infer][] and the
+    learning rules refuse them (use [pcjax.GradientDescent][] or [pcjax.ODE][] there).
 
     **Cost.** One field evaluation (energy and gradient together) per proposal, a rejected
     one included, plus one at the start; `InferInfo.evaluations` counts them all (and the
@@ -117,6 +117,20 @@ class Backtracking(AbstractSolver):
 
     **Raises:** `ValueError` for `steps` or `max_tries` not a positive int, `shrink` outside
     $(0, 1)$, `grow` below 1, or a step size that is not a positive finite number.
+
+    **Example** ([setup][examples-setup]): a step size far too large for a stiff output
+    precision is shrunk until the energy falls.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.Backtracking(10, step_size=5.0, record_energy=True)
+    >>> states, info = pc.infer(
+    ...     fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver, precision={"y": 50.0}
+    ... )
+    >>> bool(jnp.all(jnp.diff(info.energies) <= 0)), bool(info.energy_rose)
+    (True, False)
+
+    ```
     """
 
     needs_gradient_field: ClassVar[bool] = True

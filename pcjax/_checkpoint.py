@@ -335,11 +335,34 @@ def save_checkpoint(
 
     Python and NumPy scalars in `tree` are stored too; other non-array leaves (functions, static
     fields) are not, and come from `like` when loading. `metadata` is a dict of str, int, float,
-    bool, None, lists and str-keyed dicts (tuples come back as lists). Returns the path.
+    bool, None, lists and str-keyed dicts (tuples come back as lists).
+
+    **Arguments:**
+
+    - `path`: the file to write (its folder must exist); an existing file is replaced only
+      once the new one is complete.
+    - `tree`: the pytree to store.
+    - `metadata`: keyword; a JSON-serialisable dict, default None (empty).
+
+    **Returns:** the path written, a `pathlib.Path`.
 
     **Raises:** `ValueError`, before anything is written, if `path` is a directory, if
     `metadata` holds something JSON cannot store (the key is named), or if a leaf of `tree`
     cannot be stored (traced values, typed PRNG keys, object arrays; the leaf is named).
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "step100.ckpt"
+    >>> opt_state = optax.adam(1e-3).init(params)
+    >>> pc.save_checkpoint(path, (params, opt_state), metadata={"step": 100}).name
+    'step100.ckpt'
+    >>> (params2, opt_state2), metadata = pc.load_checkpoint(path, like=(params, opt_state))
+    >>> metadata, bool(jnp.all(params2["w1"] == params["w1"]))
+    ({'step': 100}, True)
+
+    ```
     """
     path = _as_path(path)
     where = f"pcjax: cannot save checkpoint `path` {path}"
@@ -395,6 +418,23 @@ def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata stored with a checkpoint, without reading its arrays (the file's layout,
     header checksum and size are checked; the arrays' checksum only by `load_checkpoint`).
 
+    **Arguments:**
+
+    - `path`: the checkpoint file.
+
+    **Returns:** the metadata dict passed to [pcjax.save_checkpoint][] (empty if none was).
+
+    **Example:**
+
+    ```pycon
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.ckpt"
+    >>> path = pc.save_checkpoint(path, {"w": jnp.ones(3)}, metadata={"epoch": 2})
+    >>> pc.checkpoint_metadata(path)
+    {'epoch': 2}
+
+    ```
+
     **Raises:** `FileNotFoundError`; `ValueError` if the file is not an intact checkpoint.
     """
     path = _as_path(path)
@@ -409,11 +449,31 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     state, or their `eqx.filter_eval_shape`): it supplies the structure and the non-array
     leaves. Every leaf's path, containers (their kinds and classes: a saved tuple does not load
     into a list, nor an `eqx.nn.Linear` into another module class), kind, shape and dtype must
-    equal the saved ones. Returns `(tree, metadata)`, the tree with the structure of `like`.
+    equal the saved ones.
+
+    **Arguments:**
+
+    - `path`: the checkpoint file.
+    - `like`: the pytree whose structure, kinds, shapes and dtypes the saved tree must have.
+
+    **Returns:** `(tree, metadata)`: the tree with the structure of `like` and the saved
+    metadata dict.
 
     **Raises:** `FileNotFoundError`; `ValueError` if the file is not an intact checkpoint
     (empty, truncated, extended, corrupted, malformed header), or if it does not match `like`
     (the first differing leaf is named).
+
+    **Example:** see [pcjax.save_checkpoint][]; a tree of another shape is refused.
+
+    ```pycon
+    >>> import pathlib, tempfile
+    >>> path = pc.save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "w.ckpt", {"w": jnp.ones(3)})
+    >>> pc.load_checkpoint(path, like={"w": jnp.ones(4)})
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
+
+    ```
     """
     path = _as_path(path)
     where = f"pcjax: checkpoint `path` {path}"

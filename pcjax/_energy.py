@@ -8,7 +8,7 @@ $$F = \\sum_i \\Big[\\tfrac12 \\sum_n e_{i,n}^\\top P_i\\, e_{i,n}
 
 summed over the error vectors $n$ (the batch), so that each sample's states see only their own
 energy and the state step size does not depend on the batch size. The log-det term is included
-for precision modules (`pcjax.ScalarPrecision`, ...) and left out for fixed precision arrays,
+for precision modules ([pcjax.ScalarPrecision][], ...) and left out for fixed precision arrays,
 for which it is a constant (see `pcjax._precision`).
 """
 
@@ -187,6 +187,29 @@ def cross_entropy(state: Array, logits: Array) -> Array:
     soft) label observed. Its gradient w.r.t. the logits is $\\operatorname{softmax}(z) - y$ for
     labels that sum to one, so with fixed predictions PC reproduces backprop of the
     cross-entropy loss.
+
+    **Arguments:**
+
+    - `state`: the node's state: the label, one-hot or soft, shape `(batch, classes)`.
+    - `logits`: the node's prediction $z$, of the same shape.
+
+    **Returns:** the scalar energy, summed over the batch.
+
+    **Example** ([setup][examples-setup]): a classifier whose label node takes this
+    energy.
+
+    ```pycon
+    >>> pc.cross_entropy(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 0.0]])).round(4)
+    Array(0.6931, dtype=float32)
+    >>> def classifier(params, x):
+    ...     h = pc.node("h", jnp.tanh(x @ params["w1"]))
+    ...     return pc.node("y", h @ params["w2"], energy=pc.cross_entropy)
+    >>> start = pc.forward_init(classifier, params, x)
+    >>> F = pc.energy(classifier, params, {"h": start["h"]}, x, {"y": y})
+    >>> bool(jnp.isclose(F, optax.softmax_cross_entropy(start["y"], y).sum()))
+    True
+
+    ```
     """
     return -jnp.sum(state * jax.nn.log_softmax(logits, axis=-1))
 

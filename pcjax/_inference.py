@@ -1,8 +1,8 @@
 r"""Inference (relaxation): the free states descend the energy, with any solver.
 
 `pcjax.infer(fn, params, states, x, observed, solver=...)` builds the state field of `fn`'s
-energy (or of a transformation of it, `pcjax.fixed_predictions` / `pcjax.preconditioned`) at
-fixed parameters and hands it to the solver (`pcjax.GradientDescent`, `pcjax.ODE`). Standard PC
+energy (or of a transformation of it, [pcjax.fixed_predictions][] / [pcjax.preconditioned][]) at
+fixed parameters and hands it to the solver ([pcjax.GradientDescent][], [pcjax.ODE][]). Standard PC
 differentiates the energy with `jax.grad`:
 
 $$\frac{\partial F}{\partial x_i} = P_i e_i - \sum_{c \in \text{children}(i)}
@@ -41,27 +41,53 @@ def infer(
 ) -> tuple[Nodes, InferInfo]:
     r"""Relax the free node states: run `solver` on the state field of the energy.
 
-    **Arguments** (as for `pcjax.energy`, plus):
+    **Main arguments:**
 
-    - `fn`: the tagged forward function, or an energy transformation of it
-      (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
-      `pcjax.error_parameterised(fn)`: the solver then runs on the errors).
-    - `solver`: `pcjax.GradientDescent(steps, optimizer, tol=...)`, `pcjax.Backtracking(steps)`
-      (gradient descent that keeps no step raising the energy), `pcjax.ODE(...)` or
-      `pcjax.ConjugateGradient(steps)`.
-    - `precision`: the node precisions (see `pcjax.energy`).
+    - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it
+      ([pcjax.fixed_predictions][], [pcjax.preconditioned][], [pcjax.error_parameterised][]:
+      the solver then runs on the errors, [pcjax.bidirectional][]).
+    - `params`: its parameters (any pytree, e.g. an equinox module).
+    - `states`: dict of the free nodes' starting states, usually from
+      [pcjax.forward_init][]; each of its node's shape (batch first, after any stacked
+      `lax.scan` axes).
+    - `x`: the input of `fn` (any pytree, or None).
+    - `observed`: dict of the clamped nodes' values (e.g. the label node); default None
+      (none). Every node is in exactly one of `states` and `observed`.
+    - `solver`: keyword, required: [pcjax.GradientDescent][]`(steps, optimizer, tol=...)`,
+      [pcjax.Backtracking][]`(steps)` (gradient descent that keeps no step raising the
+      energy), [pcjax.ODE][]`(...)` or [pcjax.ConjugateGradient][]`(steps)`.
+
+    **Other arguments:**
+
+    - `precision`: the node precisions (see [pcjax.energy][]); default None (1 for every
+      node).
     - `key`: a `jax.random` key for stochastic solvers (`GradientDescent(optimizer=
       pcjax.langevin(eta))`): update `t` uses `jax.random.fold_in(key, t)`, so the same key
-      replays the same run and a new key draws fresh noise.
+      replays the same run and a new key draws fresh noise. Default None.
 
-    **Returns:** `(states, info)`: the relaxed states and an `InferInfo` (steps, final energy
-    and per-sample gradient norm, converged, diverged, field evaluations). With the solver's
-    `throw=True` a diverged or unconverged run raises instead.
+    **Returns:** `(states, info)`: the relaxed states (a dict like `states`) and an
+    [pcjax.InferInfo][] (steps, final energy and per-sample gradient norm, converged,
+    diverged, field evaluations). With the solver's `throw=True` a diverged or unconverged
+    run raises instead.
 
     **Raises:** `TypeError` without a `solver`, and for pcjax 0.1's keywords (`steps=`,
     `step_size=`, `optimizer=`, `tol=`, `fixed_predictions=`, ...), removed in pcjax 0.3: the
     message shows the composed call that replaces them, e.g. `steps=20` ->
-    `solver=pcjax.GradientDescent(20)`.
+    `solver=pcjax.GradientDescent(20)`. `ValueError` (naming the node and the shapes) for
+    unknown or missing nodes, states of the wrong shape or dtype, and precisions that do not
+    fit; a stochastic optimizer without a `key`.
+
+    **Example** ([setup][examples-setup]): clamp the label node, relax the hidden node.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> states, info = pc.infer(
+    ...     fn, params, {"h": start["h"]}, x, {"y": y}, solver=pc.GradientDescent(20)
+    ... )
+    >>> int(info.steps), bool(info.energy < info.initial_energy), bool(info.diverged)
+    (20, True, False)
+
+    ```
     """
     if removed:
         raise TypeError(_removed_keywords_message(removed))

@@ -36,7 +36,16 @@ def _check(name: str, value: Any, valid: Callable[[float], bool], requirement: s
 
 
 class LangevinState(NamedTuple):
-    """The (empty) state of `pcjax.langevin`: its noise comes from the key of each update."""
+    """The (empty) state of [pcjax.langevin][]: its noise comes from the key of each update.
+
+    **Example:**
+
+    ```pycon
+    >>> pc.langevin(0.05).init({"h": jnp.zeros(3)})
+    LangevinState()
+
+    ```
+    """
 
 
 def langevin(
@@ -44,14 +53,12 @@ def langevin(
 ) -> optax.GradientTransformationExtraArgs:
     r"""An optax transform for the *states*: a Langevin step on the energy.
 
-    Pass it as the optimizer of the state solver, and a random key to `pcjax.infer` or to
-    the training step:
+    $$x_{t+1} = x_t - \eta\, \partial F / \partial x_t + \sqrt{2 \eta T}\, \xi_t,
+    \qquad \xi_t \sim \mathcal N(0, I),$$
 
-        solver = pcjax.GradientDescent(100, pcjax.langevin(0.05))
-        samples, info = pcjax.infer(fn, params, states, x, observed, solver=solver, key=key)
-
-        step = pcjax.make_train_step(fn, pcjax.Equilibrium(solver), optax.adam(1e-3))
-        params, opt_state, info = step(params, opt_state, x, observed, jax.random.fold_in(key, i))
+    whose samples are distributed as $\propto e^{-F(x) / T}$ for small $\eta$. Pass it as the
+    optimizer of the state solver, and a random key to [pcjax.infer][] or to the training
+    step (see the example).
 
     Inference hands update `t` the key `jax.random.fold_in(key, t)`, so every step draws fresh
     noise, the same key replays the same run, and a new key per training step (e.g.
@@ -59,8 +66,36 @@ def langevin(
     is an independent chain. Used directly, `update(grads, state, params, key=...)` needs the
     key.
 
-    **Arguments:** `step_size` $\eta > 0$, `temperature` $T \ge 0$ (0 is plain gradient
-    descent).
+    **Arguments:**
+
+    - `step_size`: $\eta > 0$ (a number, or a traced value).
+    - `key`: must be None (pcjax 0.1's argument): the key comes with each update.
+    - `temperature`: $T \ge 0$; default 1 (0 is plain gradient descent).
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose `update` takes `key=`; its
+    state is a [pcjax.LangevinState][].
+
+    **Raises:** `TypeError` for a `key` given here; `ValueError` for a step size that is not
+    positive or a negative temperature (when they are concrete). [pcjax.infer][] raises a
+    `ValueError` without a key.
+
+    **Example** ([setup][examples-setup]): sample the hidden node given the label. In a
+    training loop, pass `step(params, opt_state, x, observed, jax.random.fold_in(key, i))`.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.GradientDescent(2, pc.langevin(0.05, temperature=0.1))
+    >>> samples, info = pc.infer(
+    ...     fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver, key=jax.random.key(0)
+    ... )
+    >>> samples["h"].shape
+    (2, 4)
+    >>> cold = pc.langevin(0.1, temperature=0.0)  # T = 0: a plain gradient step
+    >>> step, _ = cold.update({"h": jnp.ones(2)}, cold.init(None), key=jax.random.key(1))
+    >>> step["h"]
+    Array([-0.1, -0.1], dtype=float32)
+
+    ```
     """
     if key is not None:
         raise TypeError(

@@ -1,6 +1,6 @@
 r"""Energy transformations: what inference descends and what learning differentiates.
 
-A tagged forward function `fn(params, x)` defines the energy $F(x; \theta)$ (`pcjax.energy`).
+A tagged forward function `fn(params, x)` defines the energy $F(x; \theta)$ ([pcjax.energy][]).
 Everywhere pcjax takes `fn` it also takes a transformation of it:
 
 - `pcjax.fixed_predictions(fn)`: the fixed-prediction assumption (FPA). The predictions and their
@@ -339,16 +339,40 @@ def bidirectional(
     `"image"`: observed, it is clamped to the data (classification); free, it is inferred
     (generation from a clamped label).
 
-    **Arguments:** `up`: the tagged bottom-up function; `down`: `(params, values) -> dict`
-    of top-down predictions for some of `up`'s nodes, each of its node's shape;
-    `up_weight`, `down_weight`: $\alpha_{\text{up}}, \alpha_{\text{down}} \geq 0$ (bPC's
-    $\alpha_{\text{disc}}, \alpha_{\text{gen}}$).
+    **Arguments:**
 
-    Works with `pcjax.infer`, `pcjax.energy`, `pcjax.param_grads`, `pcjax.Equilibrium`,
-    `pcjax.Incremental`, `pcjax.Amortised` and `pcjax.preconditioned` (each node's whole field
-    times the inverse of its `up` precision). `pcjax.fixed_predictions`,
-    `pcjax.error_parameterised`, `pcjax.Nudged` and the Fisher statistics of
-    `pcjax.natural_gradient` / `precision_weighted_gradient` refuse it.
+    - `up`: the tagged bottom-up function `up(params, x)`.
+    - `down`: `(params, values) -> dict` of top-down predictions for some of `up`'s nodes,
+      each of its node's shape; `values` holds every node's value (free and observed).
+    - `up_weight`, `down_weight`: $\alpha_{\text{up}}, \alpha_{\text{down}} \geq 0$ (bPC's
+      $\alpha_{\text{disc}}, \alpha_{\text{gen}}$); default 1 each.
+
+    **Returns:** the energy model, used in place of a tagged function.
+
+    **Raises:** `TypeError` for an `up` that is not a plain tagged function or a `down` that
+    is not callable; `ValueError` for a negative weight, and where it is used for a `down`
+    that returns no dict, or a prediction of an unknown node or of the wrong shape.
+
+    Works with [pcjax.infer][], [pcjax.energy][], [pcjax.param_grads][], [pcjax.Equilibrium][],
+    [pcjax.Incremental][], [pcjax.Amortised][] and [pcjax.preconditioned][] (each node's whole field
+    times the inverse of its `up` precision). [pcjax.fixed_predictions][],
+    [pcjax.error_parameterised][], [pcjax.Nudged][] and the Fisher statistics of
+    [pcjax.natural_gradient][] / `precision_weighted_gradient` refuse it.
+
+    **Example** ([setup][examples-setup]): `params["v"]` predicts the hidden node from the
+    output node.
+
+    ```pycon
+    >>> def down(params, values):
+    ...     return {"h": jnp.tanh(values["y"]) @ params["v"]}
+    >>> both = {**params, "v": jnp.zeros((2, 4))}
+    >>> bpc = pc.bidirectional(fn, down, down_weight=0.5)
+    >>> start = pc.forward_init(bpc, both, x)
+    >>> float(pc.energy(bpc, both, {"h": start["h"]}, x, {"y": y})) > float(
+    ...     pc.energy(fn, params, {"h": start["h"]}, x, {"y": y}))
+    True
+
+    ```
     """
     if isinstance(up, EnergyModel) or not callable(up):
         raise TypeError(
@@ -426,21 +450,21 @@ def energy(
           - \\tfrac{N_i}{2}\\log\\det P_i\\Big], \\qquad e_i = x_i - \\mu_i,\\quad
           \\mu_i = g_i(\\text{states of the parents of } i),$$
 
-    where the predictions $\\mu_i$ are the values tagged by `pcjax.node` when `fn(params, x)`
+    where the predictions $\\mu_i$ are the values tagged by [pcjax.node][] when `fn(params, x)`
     runs with every tagged node replaced by its state, and the log-det term is present for
     precision modules only.
 
     **Arguments:**
 
     - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it
-      (`pcjax.fixed_predictions`, `pcjax.bidirectional`, ...: its energy at these states).
+      ([pcjax.fixed_predictions][], [pcjax.bidirectional][], ...: its energy at these states).
     - `params`: its parameters (any pytree, e.g. an equinox module).
     - `states`: dict of the free (latent) node states.
     - `x`: the input of `fn` (any pytree, or None).
     - `observed`: dict of the clamped node values (e.g. the label node during training).
       Every tagged node must be in exactly one of `states` and `observed`.
     - `precision`: dict mapping node names to precisions (default 1 for every node): fixed
-      positive arrays (scalar or per feature) or precision modules (`pcjax.ScalarPrecision`,
+      positive arrays (scalar or per feature) or precision modules ([pcjax.ScalarPrecision][],
       `DiagonalPrecision`, `FullPrecision`); or a function `params -> dict` for precisions
       stored in (and learned with) the parameters. Only the modules it returns are learned: a
       plain array it returns is fixed (it gets a zero gradient, having no log-det term; an
@@ -448,6 +472,22 @@ def energy(
       parameters or wrap them in a module).
 
     **Returns:** the scalar energy, summed over nodes and batch.
+
+    **Raises:** `ValueError` naming the node for an unknown or missing node name, a state
+    whose shape or dtype is not the node's, or a precision that does not fit its node.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> states = pc.forward_init(fn, params, x)
+    >>> free = {"h": states["h"]}  # the feedforward pass: only the output node has error
+    >>> energy = pc.energy(fn, params, free, x, {"y": y})
+    >>> bool(jnp.isclose(energy, 0.5 * jnp.sum((y - states["y"]) ** 2)))
+    True
+    >>> pc.energy(fn, params, free, x, {"y": y}, precision={"y": 2.0}).round(3)
+    Array(..., dtype=float32)
+
+    ```
     """
     model = as_model(fn, "pcjax.energy")
     values, checked = checked_values(model.fn, params, states, x, observed, precision)
@@ -482,8 +522,32 @@ def fixed_predictions(fn: Callable[..., Any] | EnergyModel) -> FixedPredictions:
     $e_i \leftarrow P_i^{-1} \sum_c J_c^\top P_c e_c$ outright, so
     `pcjax.GradientDescent(depth, step_size=1.0)` gives the backprop gradients exactly.
 
-    Pass the result wherever a tagged function goes: `pcjax.infer`, `pcjax.energy`,
-    `pcjax.param_grads`, `pcjax.make_train_step`.
+    Pass the result wherever a tagged function goes: [pcjax.infer][], [pcjax.energy][],
+    [pcjax.param_grads][], [pcjax.make_train_step][].
+
+    **Arguments:**
+
+    - `fn`: the tagged forward function `fn(params, x)`, or [pcjax.preconditioned][] of one.
+
+    **Returns:** the transformed energy model, used in place of `fn`.
+
+    **Raises:** `ValueError` for a network already transformed by
+    [pcjax.error_parameterised][] or [pcjax.bidirectional][].
+
+    **Example** ([setup][examples-setup]): the equilibrium errors are the backprop gradients.
+
+    ```pycon
+    >>> fpa = pc.fixed_predictions(fn)
+    >>> start = pc.forward_init(fpa, params, x)
+    >>> solver = pc.GradientDescent(2, step_size=1.0)  # the graph's depth, step size 1
+    >>> states, info = pc.infer(fpa, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> def loss(h):  # the output node's energy as a function of the hidden node
+    ...     return 0.5 * jnp.sum((y - h @ params["w2"]) ** 2)
+    >>> error = states["h"] - start["h"]  # the hidden node's error, against frozen predictions
+    >>> bool(jnp.allclose(error, -jax.grad(loss)(start["h"]), atol=1e-6))
+    True
+
+    ```
     """
     model = as_model(fn, "pcjax.fixed_predictions")
     if isinstance(model.base, ErrorParameterised):
@@ -508,9 +572,34 @@ def preconditioned(fn: Callable[..., Any] | EnergyModel) -> Preconditioned:
     $\dot x_i = -P_i^{-1} \partial F / \partial x_i$.
 
     The fixed points (and so the relaxed states and the learning signal) are those of `fn`'s
-    energy, standard or `pcjax.fixed_predictions`; only the path to them changes: each node's
+    energy, standard or [pcjax.fixed_predictions][]; only the path to them changes: each node's
     own error term relaxes at a rate independent of its precision. Nodes without a precision
     module or array keep their gradient.
+
+    **Arguments:**
+
+    - `fn`: the tagged forward function, [pcjax.fixed_predictions][] of one,
+      [pcjax.error_parameterised][] or [pcjax.bidirectional][].
+
+    **Returns:** the transformed energy model, used in place of `fn`: the precisions it
+    preconditions by are those passed as `precision=` where it is used.
+
+    **Raises:** `ValueError` where it is used for a node whose precision the function computes
+    (`pcjax.node(..., precision=)`).
+
+    **Example** ([setup][examples-setup]): a stiff output precision no longer sets the step.
+
+    ```pycon
+    >>> net = pc.preconditioned(fn)
+    >>> start = pc.forward_init(net, params, x)
+    >>> states, info = pc.infer(
+    ...     net, params, {"h": start["h"]}, x, {"y": y},
+    ...     solver=pc.GradientDescent(20, step_size=0.5), precision={"y": 100.0, "h": 100.0},
+    ... )
+    >>> bool(info.diverged), float(info.energy) < float(info.initial_energy)
+    (False, True)
+
+    ```
     """
     model = as_model(fn, "pcjax.preconditioned")
     if isinstance(model, Preconditioned):
@@ -533,11 +622,34 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
     $\varepsilon \mapsto x$ is triangular with identity diagonal blocks), and learning takes
     $\partial F / \partial \theta$ at the relaxed states, as standard PC does.
 
-    `pcjax.infer` and the learning rules take and return states; the solver runs on the errors
+    [pcjax.infer][] and the learning rules take and return states; the solver runs on the errors
     (start: the given states' errors, zero at the feedforward pass), and `InferInfo.grad_norm`
-    and `tol` refer to the error field. Composes with `pcjax.preconditioned` (each error's
-    field times its node's inverse precision). `pcjax.fixed_predictions` and `pcjax.Nudged`
+    and `tol` refer to the error field. Composes with [pcjax.preconditioned][] (each error's
+    field times its node's inverse precision). [pcjax.fixed_predictions][] and [pcjax.Nudged][]
     refuse it.
+
+    **Arguments:**
+
+    - `fn`: the tagged forward function `fn(params, x)` (or [pcjax.preconditioned][] of one).
+
+    **Returns:** the transformed energy model, used in place of `fn`.
+
+    **Raises:** `ValueError` for a network already transformed by another energy
+    transformation ([pcjax.fixed_predictions][], [pcjax.bidirectional][]); wrap it in
+    [pcjax.preconditioned][] after, not before.
+
+    **Example** ([setup][examples-setup]): the output error reaches the hidden node at once.
+
+    ```pycon
+    >>> epc = pc.error_parameterised(fn)
+    >>> start = pc.forward_init(epc, params, x)
+    >>> states, info = pc.infer(
+    ...     epc, params, {"h": start["h"]}, x, {"y": y}, solver=pc.GradientDescent(50)
+    ... )
+    >>> bool(info.energy < info.initial_energy), sorted(states)
+    (True, ['h'])
+
+    ```
     """
     model = as_model(fn, "pcjax.error_parameterised")
     if isinstance(model, Preconditioned):
@@ -551,10 +663,36 @@ def error_parameterised(fn: Callable[..., Any] | EnergyModel) -> EnergyModel:
 class Context(NamedTuple):
     """What a training step hands its optimizer, as the optax extra argument `context`.
 
-    `pcjax.natural_gradient` and `pcjax.precision_weighted_gradient` compute their statistics
+    [pcjax.natural_gradient][] and [pcjax.precision_weighted_gradient][] compute their statistics
     from it, at `linearisation_point()`: the relaxed states (standard PC), the feedforward pass
-    (`pcjax.fixed_predictions`; nudging, whose gradient estimates that of the loss at the free
+    ([pcjax.fixed_predictions][]; nudging, whose gradient estimates that of the loss at the free
     equilibrium), or the current states of an incremental step. Other transforms ignore it.
+
+    **Fields:**
+
+    - `model`: the energy model of the step's `fn` (an energy transformation, or the standard
+      energy of a plain tagged function).
+    - `params`: the parameters the gradient was taken at.
+    - `states`: the free nodes' states the gradient was taken at (relaxed, nudged, or the
+      current states of an incremental step): dict of arrays, batch axis first.
+    - `x`: the step's input.
+    - `observed`: the clamped nodes' values.
+    - `precision`: the step's `precision` argument (None for unit precisions).
+
+    **Example** ([setup][examples-setup]): an optax transform that reads it.
+
+    ```pycon
+    >>> def update(updates, state, params=None, *, context, **extra):
+    ...     free, observed = context.linearisation_point()
+    ...     print(sorted(free), sorted(observed))
+    ...     return updates, state
+    >>> spy = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    >>> optimizer = optax.chain(spy, optax.sgd(0.1))
+    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(4)), optimizer)
+    >>> params, opt_state, info = step(params, optimizer.init(params), x, {"y": y})
+    ['h'] ['y']
+
+    ```
     """
 
     model: EnergyModel
@@ -565,7 +703,8 @@ class Context(NamedTuple):
     precision: Precision | None
 
     def linearisation_point(self) -> tuple[Nodes, Nodes]:
-        """`(free states, observed values)` where the predictions are linearised."""
+        """`(free states, observed values)` where the predictions are linearised: the
+        states, or the feedforward pass under [pcjax.fixed_predictions][]."""
         values = self.model.linearisation_point(
             self.params, {**self.states, **self.observed}, self.x
         )
@@ -578,12 +717,32 @@ def forward_init(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> N
 
     These are the usual initial states for inference: with them, every latent prediction error
     is zero and only clamped (observed) nodes carry error. Nodes tagged under `jax.vmap` or in
-    a `lax.scan` body come batched / stacked (see `pcjax.node`). `fn` may be an energy
+    a `lax.scan` body come batched / stacked (see [pcjax.node][]). `fn` may be an energy
     transformation (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`,
     `pcjax.error_parameterised(fn)`, `pcjax.bidirectional(up, down)`): the feedforward pass is
     that of the underlying function (`up` for bPC).
 
-    **Returns:** a dict mapping node names to arrays.
+    **Arguments:**
+
+    - `fn`: the tagged forward function `fn(params, x)`, or an energy transformation of it.
+    - `params`: its parameters (any pytree).
+    - `x`: its input (any pytree, or None).
+
+    **Returns:** a dict mapping every node's name to its feedforward value (shape: that of
+    the tagged value, batch first, after any stacked `lax.scan` axes).
+
+    **Raises:** `ValueError` naming the node for a node tagged twice or in an unsupported
+    construct (see [pcjax.node][]).
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> states = pc.forward_init(fn, params, x)
+    >>> bool(jnp.allclose(states["y"], fn(params, x)))
+    True
+    >>> free = {"h": states["h"]}  # start inference with the label node clamped
+
+    ```
     """
     return feedforward_states(as_model(fn, "pcjax.forward_init").fn, params, x)
 
@@ -596,19 +755,39 @@ def prediction_errors(
     x: Any,
     observed: Mapping[str, Array] | None = None,
 ) -> Nodes:
-    r"""Every node's prediction error $e_i = x_i - \mu_i$ (same arguments as `pcjax.energy`):
+    r"""Every node's prediction error $e_i = x_i - \mu_i$ (same arguments as [pcjax.energy][]):
     the errors that the energy of `fn` weighs by the precisions.
 
     For an energy transformation, those of the transformed energy: with
     `pcjax.fixed_predictions(fn)` the errors against the frozen feedforward predictions,
-    $x_i - \mu_i(\hat x)$; with `pcjax.error_parameterised` and `pcjax.preconditioned`, which
+    $x_i - \mu_i(\hat x)$; with [pcjax.error_parameterised][] and [pcjax.preconditioned][], which
     change the inference path but not the energy, those of the energy they transform; with
     `pcjax.bidirectional(up, down)` the bottom-up errors of `up` (its top-down errors are
     $x_i - \nu_i$ with $\nu$ = `down(params, values)`).
 
     Weigh them by the node's precision for the precision-weighted errors $P_i e_i$.
 
+    **Arguments:** as [pcjax.energy][]: `fn`, `params`, the free `states`, the input `x` and
+    the `observed` nodes' values.
+
+    **Returns:** a dict mapping every node's name (free and observed) to its error, of the
+    node's shape. Nodes with a custom energy (`pcjax.node(..., energy=)`) are included as
+    $x_i - \mu_i$ too.
+
     **Raises:** `ValueError` for unknown or missing nodes and shape mismatches.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> states = pc.forward_init(fn, params, x)
+    >>> errors = pc.prediction_errors(fn, params, {"h": states["h"]}, x, {"y": y})
+    >>> errors["h"].round(3)  # zero at the feedforward pass
+    Array([[0., 0., 0., 0.],
+           [0., 0., 0., 0.]], dtype=float32)
+    >>> bool(jnp.allclose(errors["y"], y - fn(params, x)))
+    True
+
+    ```
     """
     model = as_model(fn, "pcjax.prediction_errors")
     return model.errors(params, merge_nodes(states, observed), x)

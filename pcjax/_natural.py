@@ -18,7 +18,7 @@ Three modes of `natural_gradient`, with the statistics produced by `fisher_stati
 - `"diagonal"`: $G[W_{kj}] = A_{kk} P_{jj}$, a division per entry;
 - `"kronecker"`: $(G + \\lambda I)^{-1} g$ for $G = A \\otimes P$, solved exactly through the
   eigendecompositions of $A$ and $P$, for every dense layer tagged as a node (found in the
-  traced program, `pcjax._dense`: `pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`, under `vmap`,
+  traced program: [pcjax.dense][], `eqx.nn.Linear`, `h @ w + b`, under `vmap`,
   in `lax.scan` bodies with shared or stacked weights);
 - `"matrix_free"`: any tagged function: $(G + \\lambda I) u = g$ solved by conjugate gradients
   with $G v = \\frac1B J^\\top P J v$ from `jax.linearize` and its transpose, over the parameters
@@ -60,6 +60,23 @@ class KroneckerFactors(eqx.Module):
     `(in, out)`. `stacked`: the number of leading axes along which the parameter is stacked (a
     weight sliced per layer by `lax.scan`); both factors then carry these axes too, one factor
     pair per slice.
+
+    **Fields:** `inputs`, `outputs`, `transposed` (default False), `stacked` (default 0), as
+    above.
+
+    **Example** ([setup][examples-setup]): the factors of `w2`, from
+    [pcjax.fisher_statistics][].
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> factors = pc.fisher_statistics(fn, params, {"h": start["h"]}, x, {"y": y})["w2"]
+    >>> bool(jnp.allclose(factors.inputs, start["h"].T @ start["h"] / 2))  # E[h h^T]
+    True
+    >>> factors.outputs  # unit precision
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+
+    ```
     """
 
     inputs: Array
@@ -83,6 +100,21 @@ class FisherOperator(eqx.Module):
     `covered[i]` says whether the predictions depend on the `i`-th floating-point leaf of the
     parameters (in `jax.tree.leaves` order); the Fisher rows and columns of the others are
     exactly zero. None: every leaf is covered.
+
+    **Fields:** `jvp` ($v \\mapsto J v$), `vjp` ($u \\mapsto J^\\top u$), `precision` (the
+    node precisions), `batch_size` ($B$), `covered` (above). Made by
+    [pcjax.fisher_statistics][]`(..., mode="matrix_free")`; call it on a pytree like the
+    parameters' floating-point leaves.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> G = pc.fisher_statistics(fn, params, {"h": start["h"]}, x, {"y": y}, mode="matrix_free")
+    >>> isinstance(G, pc.FisherOperator), G.batch_size
+    (True, 2)
+
+    ```
     """
 
     jvp: Callable
@@ -123,16 +155,33 @@ def fisher_statistics(
     - `"matrix_free"`: a `FisherOperator` for the whole tagged function.
 
     Pass the result to the optimizer as `optimizer.update(grads, state, params, fisher=...)`
-    when you call it yourself; inside `pcjax.make_train_step`, `pcjax.natural_gradient`
+    when you call it yourself; inside [pcjax.make_train_step][], [pcjax.natural_gradient][]
     computes them from the step's `context` instead.
 
     `fn` may be an energy transformation: the statistics are those of the underlying
     function's predictions, taken where the transformation linearises them (the given states
-    for `pcjax.preconditioned` and `pcjax.error_parameterised`, the feedforward pass for
-    `pcjax.fixed_predictions`, as in a training step's `pcjax.Context`).
+    for [pcjax.preconditioned][] and [pcjax.error_parameterised][], the feedforward pass for
+    [pcjax.fixed_predictions][], as in a training step's [pcjax.Context][]).
+
+    **Arguments:** as [pcjax.energy][] (`fn`, `params`, the relaxed free `states`, `x`,
+    `observed`, `precision`), plus `mode`: `"diagonal"`, `"kronecker"` (default) or
+    `"matrix_free"`.
+
+    **Returns:** the statistics above.
 
     **Raises:** `ValueError` for an unknown `mode`, nodes with a custom energy or an in-graph
-    precision, and `pcjax.bidirectional` networks (their top-down network would be left out).
+    precision, and [pcjax.bidirectional][] networks (their top-down network would be left out).
+
+    **Example** ([setup][examples-setup]): `w2` feeds the node `y` directly, `w1` does not
+    (a `tanh` comes between), so only `w2` has factors.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> fisher = pc.fisher_statistics(fn, params, {"h": start["h"]}, x, {"y": y})
+    >>> fisher["w1"] is None, fisher["w2"].inputs.shape, fisher["w2"].outputs.shape
+    (True, (4, 4), (2, 2))
+
+    ```
     """
     if mode not in MODES:
         raise ValueError(f"pcjax: unknown Fisher mode {mode!r}; choose one of {MODES}.")
@@ -175,9 +224,26 @@ def fisher_statistics(
 def fisher_mask(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> Any:
     """Which parameters the `"diagonal"` and `"kronecker"` modes precondition.
 
+    **Arguments:**
+
+    - `fn`: the tagged forward function (or an energy transformation of it).
+    - `params`: its parameters.
+    - `x`: an input of `fn` (only its shapes and dtypes matter).
+
+    **Example** ([setup][examples-setup]): `w1`'s output passes through `tanh` before it is
+    tagged, so it is not a dense layer of a node; `w2`'s output is the node `y`.
+
+    ```pycon
+    >>> mask = pc.fisher_mask(fn, params, x)
+    >>> mask
+    {'w1': False, 'w2': True}
+    >>> natural = pc.natural_gradient("kronecker", ema_decay=0.9, mask=mask)
+
+    ```
+
     **Returns:** a pytree with the structure of the floating-point leaves of `params`
     (`eqx.filter(params, eqx.is_inexact_array)`): True for the weights and biases of the dense
-    layers whose outputs are tagged as nodes (`pcjax.dense`, `eqx.nn.Linear`, `h @ w + b`,
+    layers whose outputs are tagged as nodes ([pcjax.dense][], `eqx.nn.Linear`, `h @ w + b`,
     also under `jax.vmap` and in `lax.scan` bodies), False elsewhere. Pass it as
     `natural_gradient(..., mask=...)` to keep running factors for those leaves only. Found from
     a trace of `fn(params, x)`: no computation is run. For an energy transformation, the dense
@@ -302,7 +368,19 @@ class NaturalGradientState(NamedTuple):
     (None without a `mask`, and for the leaves the mask leaves out); for `"matrix_free"`, the
     conjugate-gradient iterations of the last update and the relative residual
     $\\lVert (G + \\lambda I) u - g \\rVert / \\lVert g \\rVert$ they reached (its
-    convergence report; None in the other modes)."""
+    convergence report; None in the other modes).
+
+    **Fields:** `count`, `factors`, `inverse`, `cg_iterations`, `cg_residual`, as above.
+
+    **Example:**
+
+    ```pycon
+    >>> state = pc.natural_gradient("diagonal").init(params)
+    >>> int(state.count), state.factors
+    (0, None)
+
+    ```
+    """
 
     count: Array
     factors: Any
@@ -412,7 +490,7 @@ def _diagonal_solve(grad: Array, factors: KroneckerFactors, damping: Array) -> A
 
 def context_statistics(context: Any, mode: str) -> Any:
     """`fisher_statistics` of the given mode at the linearisation point of a training step's
-    `pcjax.Context`."""
+    [pcjax.Context][]."""
     if isinstance(context.model.base, Bidirectional):
         raise ValueError(
             "pcjax: Fisher statistics (natural_gradient, precision_weighted_gradient) of a "
@@ -575,18 +653,22 @@ def natural_gradient(
     """Precondition gradients by the inverse Fisher of the PC model: $(G + \\lambda I)^{-1} g$.
 
     An optax transform that takes its statistics from the extra argument `context` (passed by
-    `pcjax.make_train_step`) or `fisher` (from `pcjax.fisher_statistics`); chain it with a
+    [pcjax.make_train_step][]) or `fisher` (from [pcjax.fisher_statistics][]); chain it with a
     learning rate, e.g.
     `optax.chain(pcjax.natural_gradient("kronecker"), optax.scale_by_learning_rate(0.1))`.
 
-    **Arguments:**
+    **Main arguments:**
 
-    - `mode`: `"diagonal"`, `"kronecker"` or `"matrix_free"` (see the module docstring).
+    - `mode`: `"diagonal"`, `"kronecker"` (default) or `"matrix_free"` (see the module
+      docstring).
       The first two precondition the weights and biases of dense layers (`fisher_mask`);
       `"matrix_free"` the parameters the predictions depend on. Other gradients (a learned
       precision's, say, whose Fisher block here is zero) pass through unchanged.
     - `damping`: $\\lambda > 0$, added to the Fisher; a number or a schedule, a function of the
-      update count (0 at the first update).
+      update count (0 at the first update). Default 1e-3.
+
+    **Other arguments:**
+
     - `ema_decay`: running average of the Kronecker/diagonal factors,
       $\\bar G \\leftarrow \\beta \\bar G + (1 - \\beta) G$ (0: this batch's only; the first step
       uses its own statistics). Needs `mask`. Not used by `"matrix_free"`.
@@ -610,6 +692,34 @@ def natural_gradient(
 
     Numeric hyperparameters are checked when they are concrete, so
     `optax.inject_hyperparams(pcjax.natural_gradient)(...)` works.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`; its `update(grads, state,
+    params, context=...)` (in [pcjax.make_train_step][]) or `update(..., fisher=...)` (from
+    [pcjax.fisher_statistics][]) returns the preconditioned gradients and the new
+    [pcjax.NaturalGradientState][].
+
+    **Raises:** `ValueError` for an unknown `mode`, a damping that is not positive, an
+    `ema_decay` outside $[0, 1)$, `refresh_every` or `cg_iters` not a positive int, running
+    factors without a `mask`; at update time for missing statistics, statistics that do not
+    fit the mask, and the networks [pcjax.fisher_statistics][] refuses.
+
+    **Example** ([setup][examples-setup]): the output layer's gradient is whitened by its
+    inputs' second moments, $(\\mathbb{E}[h h^\\top] + \\lambda I)^{-1} g$ (unit precision).
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> free = {"h": start["h"]}
+    >>> grads = pc.param_grads(fn, params, free, x, {"y": y})
+    >>> fisher = pc.fisher_statistics(fn, params, free, x, {"y": y}, mode="kronecker")
+    >>> natural = pc.natural_gradient("kronecker", damping=1e-3)
+    >>> updates, state = natural.update(grads, natural.init(params), params, fisher=fisher)
+    >>> h = start["h"]
+    >>> expected = jnp.linalg.solve(h.T @ h / 2 + 1e-3 * jnp.eye(4), grads["w2"])
+    >>> bool(jnp.allclose(updates["w2"], expected, rtol=1e-3))  # measured: 2e-4
+    True
+    >>> optimizer = optax.chain(natural, optax.scale_by_learning_rate(0.1))  # for a step
+
+    ```
     """
     _check_hyperparameters(mode, damping, ema_decay, refresh_every, cg_iters, mask)
     diagonal = mode == "diagonal"
@@ -799,9 +909,34 @@ def precision_weighted_gradient() -> optax.GradientTransformationExtraArgs:
 
     For a dense layer predicting a node of precision $P$ it returns $g P$ (weights,
     shape `(in, out)`) and $P g$ (bias): the gradient multiplied by the output factor of the
-    Fisher rather than divided by it. It is *not* a natural gradient (see DESIGN notes and the
-    module docstring); other gradients pass through. Takes `fisher` statistics of the
-    `"kronecker"` or `"diagonal"` mode.
+    Fisher rather than divided by it. It is *not* a natural gradient (see the module
+    docstring); other gradients pass through. Takes `fisher` statistics of the
+    `"kronecker"` or `"diagonal"` mode, or the `context` of [pcjax.make_train_step][].
+
+    **Arguments:** none.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`, used as
+    [pcjax.natural_gradient][] is.
+
+    **Raises:** `ValueError` at update time without statistics, or with those of the
+    `"matrix_free"` mode.
+
+    **Example** ([setup][examples-setup]): with the output precision 4, the output layer's
+    gradient is multiplied by 4.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> free, precision = {"h": start["h"]}, {"y": 4.0 * jnp.ones(2)}
+    >>> grads = pc.param_grads(fn, params, free, x, {"y": y}, precision=precision)
+    >>> fisher = pc.fisher_statistics(
+    ...     fn, params, free, x, {"y": y}, precision=precision, mode="diagonal"
+    ... )
+    >>> weighted = pc.precision_weighted_gradient()
+    >>> updates, _ = weighted.update(grads, weighted.init(params), params, fisher=fisher)
+    >>> bool(jnp.allclose(updates["w2"], 4.0 * grads["w2"]))
+    True
+
+    ```
     """
 
     def init(params):

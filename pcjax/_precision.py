@@ -75,7 +75,25 @@ def _check_positive(name: str, value: Array, floor: float) -> None:
 
 
 class Precision(eqx.Module):
-    """Base class of the learnable precision modules (see the module docstring)."""
+    r"""Base class of the learnable precision modules (see the module docstring):
+    [pcjax.ScalarPrecision][], [pcjax.DiagonalPrecision][] and [pcjax.FullPrecision][].
+
+    **Arguments:**
+
+    - `floor`: the lower bound $f \ge 0$ that $P$ stays above ($P - f I$ is positive
+      definite); a static field.
+
+    **Example:** every module weighs errors by $P$ and solves with $P^{-1}$.
+
+    ```pycon
+    >>> precision = pc.DiagonalPrecision(jnp.array([2.0, 4.0]))
+    >>> isinstance(precision, pc.Precision)
+    True
+    >>> precision.weigh(jnp.ones(2)), precision.solve(jnp.ones(2))
+    (Array([2., 4.], dtype=float32), Array([0.5 , 0.25], dtype=float32))
+
+    ```
+    """
 
     floor: float = eqx.field(static=True)
 
@@ -119,8 +137,29 @@ class DiagonalPrecision(Precision):
     them, e.g. `(features,)` for a `(batch, features)` node, `(28, 28)` for a `(batch, 28, 28)`
     image node, or `(1,)` (one value shared by every feature). Each value is one precision
     block: a value shared by $k$ entries of every error vector counts $k$ times in the log-det
-    term, and `moments` averages $e^2$ over the entries it covers. `dtype`: of the parameters;
-    None takes that of floating-point `values`, else JAX's default float.
+    term, and `moments` averages $e^2$ over the entries it covers.
+
+    **Arguments:**
+
+    - `values`: the positive precisions $p$ (above `floor`), of the shapes above.
+    - `floor`: $f \\ge 0$, a lower bound that $p$ never crosses; default 0.
+    - `dtype`: of the parameters; None takes that of floating-point `values`, else JAX's
+      default float.
+
+    **Raises:** `ValueError` for values that are not finite and above `floor`, or a `dtype`
+    that is not floating-point; [pcjax.energy][] raises one for values that do not fit the
+    node.
+
+    **Example** ([setup][examples-setup]): learn a precision per output feature.
+
+    ```pycon
+    >>> precision = {"y": pc.DiagonalPrecision(jnp.array([1.0, 4.0]))}
+    >>> start = pc.forward_init(fn, params, x)
+    >>> energy = pc.energy(fn, params, {"h": start["h"]}, x, {"y": y}, precision=precision)
+    >>> precision["y"].values()
+    Array([1., 4.], dtype=float32)
+
+    ```
     """
 
     log_values: Array
@@ -132,6 +171,18 @@ class DiagonalPrecision(Precision):
         self.log_values = jnp.log(values - floor)
 
     def values(self) -> Array:
+        """The precisions $p = f + e^{\\theta}$.
+
+        **Returns:** an array of the shape of the `values` the module was made with.
+
+        **Example:**
+
+        ```pycon
+        >>> pc.DiagonalPrecision(jnp.array([0.5, 2.0]), floor=0.1).values()
+        Array([0.5, 2. ], dtype=float32)
+
+        ```
+        """
         return self.floor + jnp.exp(self.log_values)
 
     def weigh(self, errors):
@@ -180,6 +231,29 @@ class ScalarPrecision(DiagonalPrecision):
 
     A `DiagonalPrecision` whose values are a single scalar. A Python-number `value` gives JAX's
     default float (float64 with `jax_enable_x64`) unless `dtype` says otherwise.
+
+    **Arguments:**
+
+    - `value`: the precision $p > $ `floor`, a scalar; default 1.
+    - `floor`: $f \\ge 0$, a lower bound that $p$ never crosses; default 0.
+    - `dtype`: of the parameter; None: as for [pcjax.DiagonalPrecision][].
+
+    **Raises:** `ValueError` for a `value` that is not a scalar, or not finite and above
+    `floor`.
+
+    **Example** ([setup][examples-setup]): the energy with its log-det term, for the 4
+    entries of the output node. To learn it, store it in the parameters and pass
+    `precision=lambda p: p["precision"]` to [pcjax.make_train_step][].
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> e = y - start["y"]
+    >>> precision = {"y": pc.ScalarPrecision(2.0)}
+    >>> F = pc.energy(fn, params, {"h": start["h"]}, x, {"y": y}, precision=precision)
+    >>> bool(jnp.isclose(F, 0.5 * 2.0 * jnp.sum(e**2) - 4 / 2 * jnp.log(2.0)))
+    True
+
+    ```
     """
 
     def __init__(
@@ -192,6 +266,18 @@ class ScalarPrecision(DiagonalPrecision):
         super().__init__(value, floor=floor, dtype=dtype)
 
     def value(self) -> Array:
+        """The precision $p = f + e^{\\theta}$.
+
+        **Returns:** a scalar array.
+
+        **Example:**
+
+        ```pycon
+        >>> pc.ScalarPrecision(2.0).value()
+        Array(2., dtype=float32)
+
+        ```
+        """
         return self.values()
 
 
@@ -200,8 +286,31 @@ class FullPrecision(Precision):
 
     $L$ is lower triangular with a positive diagonal, stored as its strictly lower part and the
     log of its diagonal, so $P$ is symmetric positive definite for any parameter value.
-    `dtype`: of the parameters; None takes that of a floating-point `matrix`, else JAX's default
-    float.
+
+    **Arguments:**
+
+    - `matrix`: the symmetric positive definite precision matrix $P$, shape
+      `(features, features)` for a node whose last axis has `features` entries.
+    - `floor`: $f \\ge 0$; $P - f I$ stays positive definite; default 0.
+    - `dtype`: of the parameters; None takes that of a floating-point `matrix`, else JAX's
+      default float.
+
+    **Raises:** `ValueError` for a `matrix` that is not square, not symmetric or not positive
+    definite above the floor (naming its smallest eigenvalue).
+
+    **Example** ([setup][examples-setup]): correlated output errors.
+
+    ```pycon
+    >>> P = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+    >>> precision = {"y": pc.FullPrecision(P)}
+    >>> start = pc.forward_init(fn, params, x)
+    >>> e = y - start["y"]
+    >>> F = pc.energy(fn, params, {"h": start["h"]}, x, {"y": y}, precision=precision)
+    >>> closed_form = 0.5 * jnp.sum((e @ P) * e) - jnp.log(jnp.linalg.det(P))  # N = 2 rows
+    >>> bool(jnp.isclose(F, closed_form, rtol=1e-5))
+    True
+
+    ```
     """
 
     raw: Array  # strictly lower part of L, with log(diag L) on the diagonal
@@ -235,6 +344,20 @@ class FullPrecision(Precision):
         return jnp.tril(self.raw, -1) + jnp.diag(jnp.exp(jnp.diag(self.raw)))
 
     def matrix(self) -> Array:
+        """The precision matrix $P = L L^\\top + f I$.
+
+        **Returns:** a `(features, features)` symmetric positive definite array.
+
+        **Example:**
+
+        ```pycon
+        >>> P = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+        >>> pc.FullPrecision(P).matrix().round(3)
+        Array([[2. , 0.5],
+               [0.5, 1. ]], dtype=float32)
+
+        ```
+        """
         chol = self.cholesky()
         return chol @ chol.T + self.floor * jnp.eye(chol.shape[0], dtype=chol.dtype)
 
@@ -353,6 +476,26 @@ def error_moments(precision: Mapping[str, Precision], errors: Mapping[str, Array
     """Mean second moments $\\mathbb{E}[e e^\\top]$ of each node's errors, in the form of its
     precision module (a scalar, per-feature values or a matrix).
 
+    **Arguments:**
+
+    - `precision`: dict from node names to precision modules.
+    - `errors`: dict of the nodes' prediction errors (e.g. [pcjax.prediction_errors][]).
+
+    **Returns:** a dict from the names of `precision` to the moments: a scalar for a
+    [pcjax.ScalarPrecision][], an array of the values' shape for a
+    [pcjax.DiagonalPrecision][], a `(features, features)` matrix for a [pcjax.FullPrecision][].
+
+    **Example:**
+
+    ```pycon
+    >>> errors = {"y": jnp.array([[1.0, 2.0], [3.0, 0.0]])}
+    >>> pc.error_moments({"y": pc.DiagonalPrecision(jnp.ones(2))}, errors)["y"]
+    Array([5., 2.], dtype=float32)
+    >>> pc.error_moments({"y": pc.ScalarPrecision(1.0)}, errors)["y"]
+    Array(3.5, dtype=float32)
+
+    ```
+
     **Raises:** `TypeError` if a value of `precision` is not a precision module; `ValueError`
     if `errors` lacks one of its nodes."""
     _modules("pcjax.error_moments", precision, errors)
@@ -375,7 +518,7 @@ def update_precision_ema(
     **Arguments:**
 
     - `precision`: dict of precision modules to re-estimate (its kinds are kept).
-    - `errors`: the nodes' prediction errors, e.g. `pcjax.prediction_errors` at relaxed states.
+    - `errors`: the nodes' prediction errors, e.g. [pcjax.prediction_errors][] at relaxed states.
     - `ema`: the running moments from the previous call; None starts them at this batch's.
     - `decay`: $\\beta$ in [0, 1); `damping`: $\\lambda \\ge 0$.
 
@@ -384,6 +527,20 @@ def update_precision_ema(
     **Raises:** `TypeError` if a value of `precision` is not a precision module (a plain
     array is a fixed precision); `ValueError` for `decay`, `damping` out of range or a node
     without errors.
+
+    **Example:** with `decay=0` the estimate is the inverse of this batch's moments.
+
+    ```pycon
+    >>> errors = {"y": jnp.array([[1.0, 0.2], [-1.0, -0.2]])}
+    >>> precision, ema = pc.update_precision_ema(
+    ...     {"y": pc.DiagonalPrecision(jnp.ones(2))}, errors, decay=0.0, damping=0.0
+    ... )
+    >>> [round(v, 3) for v in precision["y"].values().tolist()]
+    [1.0, 25.0]
+    >>> [round(v, 3) for v in ema["y"].tolist()]
+    [1.0, 0.04]
+
+    ```
     """
     name = "pcjax.update_precision_ema"
     if not 0.0 <= decay < 1.0:
@@ -510,12 +667,28 @@ def update_precision_natural(
     **Arguments:**
 
     - `precision`: dict of precision modules to update (kinds, dtypes and floors are kept).
-    - `errors`: the nodes' prediction errors, e.g. `pcjax.prediction_errors` at relaxed states.
+    - `errors`: the nodes' prediction errors, e.g. [pcjax.prediction_errors][] at relaxed states.
     - `step_size`: $\\eta > 0$ (a number or a scalar array).
     - `method`: `"euler"` (default, with the safeguard) or `"exponential"`.
     - `safeguard`: $c \\in (0, 1)$, the largest fraction by which a step may shrink $P$ (Euler).
 
     **Returns:** the new precisions, a dict of modules of the same kinds.
+
+    **Raises:** `TypeError` if a value of `precision` is not a precision module; `ValueError`
+    for an unknown `method`, a step size that is not positive, a `safeguard` outside
+    $(0, 1)$ or a node without errors.
+
+    **Example:** repeated steps approach the fixed point $P = \\mathbb{E}[e^2]^{-1} = 4$.
+
+    ```pycon
+    >>> errors = {"y": jnp.array([[0.5], [-0.5]])}
+    >>> precision = {"y": pc.ScalarPrecision(1.0)}
+    >>> for _ in range(20):
+    ...     precision = pc.update_precision_natural(precision, errors, step_size=0.5)
+    >>> precision["y"].value().round(3)
+    Array(4., dtype=float32)
+
+    ```
     """
     name = "pcjax.update_precision_natural"
     concrete = concrete_value(step_size)

@@ -73,7 +73,26 @@ def preset(name: str, fn: Callable[..., Any]) -> tuple[Any, Equilibrium]:
     - `"standard"`: standard PC, `pcjax.Equilibrium(pcjax.GradientDescent(8,
       step_size=0.1))` on `fn` itself (the demo's default).
 
-    Raises `ValueError` for an unknown name (listing the known ones).
+    **Arguments:**
+
+    - `name`: `"fast"` or `"standard"`.
+    - `fn`: the tagged forward function.
+
+    **Returns:** `(model, rule)`: the energy model (`fn` or a transformation of it) and the
+    learning rule, the first two arguments of [pcjax.make_train_step][].
+
+    **Raises:** `ValueError` for an unknown name (listing the known ones).
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> model, rule = pc.preset("fast", fn)
+    >>> step = pc.make_train_step(model, rule, optax.adam(1e-3))
+    >>> params, opt_state, info = step(params, optax.adam(1e-3).init(params), x, {"y": y})
+    >>> int(info.inference_steps)
+    1
+
+    ```
     """
     if name not in PRESETS:
         raise ValueError(f"pcjax.preset: unknown preset {name!r}; known: {sorted(PRESETS)}.")

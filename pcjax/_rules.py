@@ -1,7 +1,7 @@
 r"""Learning rules and the training step that composes them.
 
 A training step is a composition (DESIGN.md §6): an energy (`fn`, or a transformation of it:
-`pcjax.fixed_predictions`, `pcjax.preconditioned`), a learning rule that relaxes the states and
+[pcjax.fixed_predictions][], [pcjax.preconditioned][]), a learning rule that relaxes the states and
 produces the parameter gradient, and an optax optimizer that turns it into an update:
 
 ```python
@@ -22,8 +22,8 @@ Rules:
   parameters descend the energy together, one joint backward pass and one parameter update per
   step.
 
-The optimizer receives the extra argument `context` (a `pcjax.Context`) when it takes extra
-arguments (any `optax.chain`, `optax.inject_hyperparams`, ...): `pcjax.natural_gradient`
+The optimizer receives the extra argument `context` (a [pcjax.Context][]) when it takes extra
+arguments (any `optax.chain`, `optax.inject_hyperparams`, ...): [pcjax.natural_gradient][]
 computes its Fisher statistics from it; other transforms ignore it.
 """
 
@@ -75,24 +75,36 @@ Apply = Callable[[Any, Any, Any, Nodes], tuple[Any, Any]]
 class TrainInfo(NamedTuple):
     """What a training step reports.
 
+    **Fields** (scalar arrays; None where the rule does not report one):
+
     - `energy`: the energy at the relaxed states, before the parameter update (iPC: at the
       last joint step, before its update; nudging: the network's own energy, without the
       nudge, at the nudged states).
     - `diverged`: True if that energy or the state gradient there is non-finite; under
-      `pcjax.guarded` also if the update produced a non-finite parameter or optimizer state
+      [pcjax.guarded][] also if the update produced a non-finite parameter or optimizer state
       (the update was then not applied).
     - `inference_steps`: state updates (or accepted ODE steps) made.
-    - `grad_norm`, `converged`, `evaluations`: as in `pcjax.InferInfo` (iPC: the state
+    - `grad_norm`, `converged`, `evaluations`: as in [pcjax.InferInfo][] (iPC: the state
       gradient of its last step; centred nudging: the larger norm of its two relaxations and
       the evaluations of both).
-    - `initial_energy`, `energy_rose`: as in `pcjax.InferInfo`: the energy inference
+    - `initial_energy`, `energy_rose`: as in [pcjax.InferInfo][]: the energy inference
       descended, at its start, and whether it ended above it (a finite run whose steps are
       too large; iPC: the energy of its first and last joint steps; nudging: the nudged
       energy, of either relaxation).
     - `relative_grad_norm`, `initial_grad_norm`: the equilibrium certificate, as in
-      `pcjax.InferInfo` (iPC: the field of its last joint step relative to its first).
-    - `skipped`: under `pcjax.guarded`, 1 if this step's update was not applied (non-finite),
+      [pcjax.InferInfo][] (iPC: the field of its last joint step relative to its first).
+    - `skipped`: under [pcjax.guarded][], 1 if this step's update was not applied (non-finite),
       else 0; sum it over a run to count the skipped steps.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(4)), optax.sgd(0.1))
+    >>> _, _, info = step(params, optax.sgd(0.1).init(params), x, {"y": y})
+    >>> int(info.inference_steps), bool(info.diverged), info.grad_norm.shape
+    (4, False, ())
+
+    ```
     """
 
     energy: Array
@@ -148,7 +160,26 @@ def _check_solver(solver: Any, rule: str) -> AbstractSolver:
 class Equilibrium(AbstractRule):
     r"""Learn at the relaxed states: relax with `solver` from the feedforward pass, then
     $\partial F / \partial \theta$ there (standard PC; the fixed-prediction gradient when the
-    network is `pcjax.fixed_predictions(fn)`)."""
+    network is `pcjax.fixed_predictions(fn)`).
+
+    **Arguments:**
+
+    - `solver`: the inference solver ([pcjax.GradientDescent][], [pcjax.Backtracking][],
+      [pcjax.ODE][] or [pcjax.ConjugateGradient][]).
+
+    **Raises:** `TypeError` if `solver` is not a pcjax solver.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> rule = pc.Equilibrium(pc.GradientDescent(4))
+    >>> step = pc.make_train_step(fn, rule, optax.sgd(0.1))
+    >>> params, opt_state, info = step(params, optax.sgd(0.1).init(params), x, {"y": y})
+    >>> int(info.inference_steps)
+    4
+
+    ```
+    """
 
     solver: AbstractSolver
 
@@ -197,7 +228,29 @@ class Nudged(AbstractRule):
     $G(\beta) = \partial_\theta F_\beta$ at the nudged equilibrium; all tend to the gradient of
     the output loss at the free equilibrium as $\beta \to 0$.
     Needs an energy (standard, or preconditioned): the fixed-prediction field is not a
-    gradient, so `pcjax.fixed_predictions` is refused.
+    gradient, so [pcjax.fixed_predictions][] is refused.
+
+    **Arguments:**
+
+    - `solver`: the inference solver of each (nudged) relaxation.
+    - `beta`: the nudging strength $\beta > 0$; default 0.1 (a number or a traced value).
+    - `mode`: `"positive"`, `"negative"` or `"centred"` (default; two relaxations).
+
+    **Raises:** `TypeError` if `solver` is not a pcjax solver; `ValueError` for an unknown
+    `mode` or a `beta` that is not positive, and in [pcjax.make_train_step][] for
+    [pcjax.fixed_predictions][], [pcjax.error_parameterised][], [pcjax.bidirectional][] or
+    no observed node.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> rule = pc.Nudged(pc.GradientDescent(20), beta=0.05, mode="centred")
+    >>> step = pc.make_train_step(fn, rule, optax.sgd(0.1))
+    >>> params, opt_state, info = step(params, optax.sgd(0.1).init(params), x, {"y": y})
+    >>> bool(info.diverged)
+    False
+
+    ```
     """
 
     solver: AbstractSolver
@@ -259,10 +312,30 @@ class Incremental(AbstractRule):
     For `steps` steps from the feedforward pass: one backward pass gives
     $\partial F / \partial x$ and $\partial F / \partial \theta$ at the current states and
     parameters; the states take a step of `optimizer` (default `optax.sgd(step_size)`;
-    `pcjax.langevin` with a key) and the parameters one of the training step's optimizer.
-    With `pcjax.fixed_predictions` the predictions are frozen at the feedforward pass of the
-    current parameters at each step; with `pcjax.preconditioned` the state step is
+    [pcjax.langevin][] with a key) and the parameters one of the training step's optimizer.
+    With [pcjax.fixed_predictions][] the predictions are frozen at the feedforward pass of the
+    current parameters at each step; with [pcjax.preconditioned][] the state step is
     preconditioned.
+
+    **Arguments:**
+
+    - `steps`: joint steps (each one state and one parameter update); a positive int.
+    - `optimizer`: the optax transform of the states; default `optax.sgd(step_size)`.
+    - `step_size`: the states' SGD step size when `optimizer` is None; default 0.1.
+    - `unroll`: unrolling of the steps' `lax.scan` (None: fully unrolled up to 16).
+
+    **Raises:** `ValueError` for `steps` not a positive int or a step size that is not
+    positive; `TypeError` for an `optimizer` that is not an optax transform.
+
+    **Example** ([setup][examples-setup]): four joint steps make four parameter updates.
+
+    ```pycon
+    >>> step = pc.make_train_step(fn, pc.Incremental(4), optax.sgd(0.1))
+    >>> new, opt_state, info = step(params, optax.sgd(0.1).init(params), x, {"y": y})
+    >>> int(info.inference_steps), bool(jnp.any(new["w1"] != params["w1"]))
+    (4, True)
+
+    ```
     """
 
     steps: int = eqx.field(static=True)
@@ -363,6 +436,31 @@ class Amortised(AbstractRule):
     \rVert^2$ (summed over the batch; `sg`: the relaxed states are targets, not functions of the
     parameters). One optimizer update applies both. A well-trained amortiser starts inference
     near the equilibrium, so fewer steps reach it.
+
+    **Arguments:**
+
+    - `solver`: the inference solver that refines the proposal.
+    - `amortiser`: `(params, x, observed) -> dict` of a state for every free node, each of
+      its node's shape and dtype.
+    - `weight`: the weight of the amortisation loss, $\ge 0$; default 1.
+
+    **Raises:** `TypeError` for a `solver` that is not a pcjax solver or an `amortiser`
+    that is not callable; `ValueError` for a negative `weight`, and in the step for an
+    amortiser that misses a free node or returns the wrong shape or dtype.
+
+    **Example** ([setup][examples-setup]): `params["q"]` maps the input to the hidden node.
+
+    ```pycon
+    >>> def amortiser(params, x, observed):
+    ...     return {"h": jnp.tanh(x @ params["q"])}
+    >>> both = {**params, "q": jnp.zeros((3, 4))}
+    >>> rule = pc.Amortised(pc.GradientDescent(2), amortiser)
+    >>> step = pc.make_train_step(fn, rule, optax.sgd(0.1))
+    >>> new, opt_state, info = step(both, optax.sgd(0.1).init(both), x, {"y": y})
+    >>> bool(jnp.any(new["q"] != 0))  # the amortiser learned from the relaxed states
+    True
+
+    ```
     """
 
     solver: AbstractSolver
@@ -432,34 +530,62 @@ def make_train_step(
 ) -> Callable[..., tuple[Any, Any, TrainInfo]]:
     """A PC training step: `step(params, opt_state, x, observed, key=None)`.
 
-    **Arguments:**
+    **Main arguments:**
 
     - `fn`: the tagged forward function, or an energy transformation of it
-      (`pcjax.fixed_predictions(fn)`, `pcjax.preconditioned(...)`).
-    - `rule`: `pcjax.Equilibrium(solver)`, `pcjax.Nudged(solver, beta, mode)` or
-      `pcjax.Incremental(steps, optimizer)`.
+      ([pcjax.fixed_predictions][], [pcjax.preconditioned][], ...).
+    - `rule`: the learning rule: [pcjax.Equilibrium][]`(solver)`,
+      [pcjax.Nudged][]`(solver, beta, mode)`, [pcjax.Incremental][]`(steps, optimizer)` or
+      [pcjax.Amortised][]`(solver, amortiser)`.
     - `optimizer`: the optax optimizer of the parameters; it receives the extra argument
-      `context` (`pcjax.Context`) when it takes extra arguments, which is how
-      `pcjax.natural_gradient` gets its statistics.
-    - `precision`: the node precisions (see `pcjax.energy`); a function of the parameters
-      (`lambda p: p["precision"]`) makes them learned by `optimizer` with the rest.
+      `context` ([pcjax.Context][]) when it takes extra arguments, which is how
+      [pcjax.natural_gradient][] gets its statistics.
+
+    **Other arguments:**
+
+    - `precision`: the node precisions (see [pcjax.energy][]); a function of the parameters
+      (`lambda p: p["precision"]`) makes them learned by `optimizer` with the rest. Default
+      None (1 for every node).
     - `mean_over_batch`: divide the parameter gradient (a sum over the batch) by the batch
       size, so that the learning rate does not depend on it: the axis the nodes share after
-      any stacked scan axes (`pcjax._solvers.sample_axes`); a per-example step under
-      `jax.vmap`, whose nodes have no batch axis, is one sample.
+      any stacked scan axes; a per-example step under `jax.vmap`, whose nodes have no batch
+      axis, is one sample. Default True.
     - `throw`: raise at run time (`eqx.error_if`) when the energy diverges: an
       `equinox.EquinoxRuntimeError` with the message eagerly or under `eqx.filter_jit`; under
       plain `jax.jit` a `JaxRuntimeError` "INTERNAL: CpuCallback error" that holds the message
-      in a traceback (see `pcjax._solvers`).
+      in a traceback. Default False.
 
     The step starts the free states (every tagged node not in `observed`) at the feedforward
     pass. It is a pure function: jit it with `eqx.filter_jit` (or `jax.jit`), and wrap it in
-    `pcjax.guarded` to make it all-or-nothing. Combinations a rule cannot learn with raise a
-    `ValueError` here. Initialise the optimizer state with
-    `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`. `key`: a random key for
-    stochastic state optimizers (`pcjax.langevin`); pass a new one every step.
+    [pcjax.guarded][] to make it all-or-nothing. Initialise the optimizer state with
+    `optimizer.init(eqx.filter(params, eqx.is_inexact_array))`.
 
-    **Returns:** `step`, returning `(params, opt_state, info)` with a `TrainInfo`.
+    **Returns:** `step(params, opt_state, x, observed, key=None)`, returning
+    `(params, opt_state, info)`: the updated parameters and optimizer state and a
+    [pcjax.TrainInfo][]. `x` is the input of `fn`, `observed` the dict of clamped node values
+    (batch first), `key` a random key for stochastic state optimizers ([pcjax.langevin][]):
+    pass a new one every step.
+
+    **Raises:** `TypeError` for a `rule` that is not a learning rule or an `optimizer` that
+    is not an optax transform; `ValueError` for a combination the rule cannot learn with
+    (e.g. [pcjax.Nudged][] with [pcjax.fixed_predictions][]). The step raises `TypeError` for
+    a Python float among the parameters, an `observed` that is not a dict or an optimizer
+    state that does not fit, and `ValueError` for unknown or missing nodes and shapes.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> optimizer = optax.adam(1e-2)
+    >>> step = pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(4)), optimizer)
+    >>> opt_state = optimizer.init(params)
+    >>> for i in range(3):
+    ...     params, opt_state, info = step(params, opt_state, x, {"y": y})
+    ...     print(round(float(info.energy), 3))
+    0.473
+    0.441
+    0.411
+
+    ```
     """
     model = as_model(fn, "pcjax.make_train_step")
     if not isinstance(rule, AbstractRule):
@@ -536,7 +662,30 @@ def make_train_step(
 def guarded(step: Callable[..., tuple[Any, Any, TrainInfo]]) -> Callable[..., Any]:
     """Make a training step all-or-nothing: if its energy diverged or any updated parameter or
     optimizer-state entry is non-finite, return the original `params` and `opt_state`
-    (with `info.diverged` True), so one bad batch cannot poison a run."""
+    (with `info.diverged` True), so one bad batch cannot poison a run.
+
+    **Arguments:**
+
+    - `step`: a training step from [pcjax.make_train_step][] (or one with its signature
+      and a [pcjax.TrainInfo][] result).
+
+    **Returns:** the guarded step, with the same arguments; its `info.skipped` is 1 where
+    the update was dropped, else 0.
+
+    **Example** ([setup][examples-setup]): a batch with a NaN leaves the parameters as they
+    were.
+
+    ```pycon
+    >>> step = pc.guarded(
+    ...     pc.make_train_step(fn, pc.Equilibrium(pc.GradientDescent(4)), optax.sgd(0.1))
+    ... )
+    >>> opt_state = optax.sgd(0.1).init(params)
+    >>> new, _, info = step(params, opt_state, x.at[0, 0].set(jnp.nan), {"y": y})
+    >>> int(info.skipped), bool(jnp.all(new["w1"] == params["w1"]))
+    (1, True)
+
+    ```
+    """
 
     def guarded_step(params, opt_state, *args, **kwargs):
         new_params, new_state, info = step(params, opt_state, *args, **kwargs)

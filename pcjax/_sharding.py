@@ -7,10 +7,10 @@ parameter gradient is a sum over samples). Two ways:
 
 - **`jax.jit` with shardings** (GSPMD): put the batch on a `NamedSharding(mesh, P("data"))`
   (`shard_batch`) and the parameters and optimizer state on a replicated sharding
-  (`replicate`), then call the jitted training step (`pcjax.make_train_step`) as usual. The
+  (`replicate`), then call the jitted training step ([pcjax.make_train_step][]) as usual. The
   program is the single-device one; XLA partitions it.
 - **`jax.shard_map`**: write the per-device program yourself. Each device runs the training
-  step of `pcjax.make_train_step` on its shard of the batch; chain `cross_device_mean(axis)`
+  step of [pcjax.make_train_step][] on its shard of the batch; chain `cross_device_mean(axis)`
   in front of the optimizer so that every device applies the same, globally averaged, update
   (with or without `shard_map`'s type checks, `check_vma`).
 """
@@ -29,7 +29,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> Mesh:
-    """A one-axis mesh over `devices` (default: all devices, across hosts) for data parallelism."""
+    """A one-axis mesh over `devices` (default: all devices, across hosts) for data parallelism.
+
+    **Arguments:**
+
+    - `devices`: the devices to use; default None (`jax.devices()`, every device of every
+      host).
+    - `axis`: the mesh axis name; default `"data"`.
+
+    **Returns:** a `jax.sharding.Mesh` of shape `(len(devices),)`, for [pcjax.shard_batch][]
+    and [pcjax.replicate][].
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> mesh = pc.data_mesh()
+    >>> mesh.axis_names, mesh.shape["data"] == jax.device_count()
+    (('data',), True)
+
+    ```
+    """
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (axis,))
 
@@ -38,8 +57,27 @@ def shard_batch(tree: Any, mesh: Mesh, axis: str = "data") -> Any:
     """Place every array of `tree` (inputs, observed nodes, states) with its leading (batch) axis
     split over the mesh axis `axis`.
 
+    **Arguments:**
+
+    - `tree`: any pytree; its array leaves are placed, other leaves are kept.
+    - `mesh`: the mesh, e.g. from [pcjax.data_mesh][].
+    - `axis`: the mesh axis to split the batch over; default `"data"`.
+
+    **Returns:** the tree with its arrays sharded along their first axis.
+
     **Raises:** `ValueError` naming the leaf if it is a scalar or its batch size is not a
     multiple of the number of devices on `axis`.
+
+    **Example** ([setup][examples-setup]): a jitted training step on sharded data runs data
+    parallel.
+
+    ```pycon
+    >>> mesh = pc.data_mesh()
+    >>> batch = pc.shard_batch({"x": x, "y": y}, mesh)
+    >>> batch["x"].sharding.spec == jax.sharding.PartitionSpec("data")
+    True
+
+    ```
     """
     size = mesh.shape[axis]
     sharding = NamedSharding(mesh, PartitionSpec(axis))
@@ -57,7 +95,24 @@ def shard_batch(tree: Any, mesh: Mesh, axis: str = "data") -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every array of `tree` (parameters, optimizer state) whole on every device."""
+    """Place every array of `tree` (parameters, optimizer state) whole on every device.
+
+    **Arguments:**
+
+    - `tree`: any pytree; its array leaves are placed, other leaves are kept.
+    - `mesh`: the mesh, e.g. from [pcjax.data_mesh][].
+
+    **Returns:** the tree with every array replicated over the mesh.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> replicated = pc.replicate(params, pc.data_mesh())
+    >>> replicated["w1"].sharding.is_fully_replicated
+    True
+
+    ```
+    """
     sharding = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda a: jax.device_put(a, sharding) if eqx.is_array(a) else a, tree)
 
@@ -71,7 +126,7 @@ def cross_device_mean(
 
     With $N$ devices, device $d$ computing the gradient $g_d$ of its shard's loss, the update
     on every device becomes $\bar g = \frac1N \sum_d g_d$. With the default
-    `mean_over_batch=True` of `pcjax.make_train_step` each $g_d$ is the mean over its shard;
+    `mean_over_batch=True` of [pcjax.make_train_step][] each $g_d$ is the mean over its shard;
     with equal shards $\bar g$ is the mean over the global batch, so every device applies the
     single-device update and the replicated parameters stay identical.
 
@@ -94,7 +149,31 @@ def cross_device_mean(
 
     A wrong `summed` gives updates $N$ times too large, or replicas that drift apart.
 
+    **Arguments:**
+
+    - `axis_name`: the mesh axis of the batch, as in `jax.shard_map`.
+    - `summed`: keyword; whether the updates arrive summed over the devices (above); default
+      None (ask autodiff).
+
+    **Returns:** an `optax.GradientTransformation` with an empty state.
+
     **Raises:** `TypeError` if `summed` is not None, True or False.
+
+    **Example** ([setup][examples-setup]): the mean of per-device updates.
+
+    ```pycon
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mean = pc.cross_device_mean("data", summed=False)
+    >>> def local(g):
+    ...     return mean.update(g, mean.init(g))[0]
+    >>> n = jax.device_count()
+    >>> per_device = jnp.arange(float(n)).reshape(n, 1)
+    >>> out = jax.shard_map(local, mesh=pc.data_mesh(), in_specs=P("data"), out_specs=P("data"),
+    ...                     check_vma=False)(per_device)
+    >>> bool(jnp.allclose(out, per_device.mean()))
+    True
+
+    ```
     """
     if summed is not None and not isinstance(summed, bool):
         raise TypeError(

@@ -1,10 +1,11 @@
 r"""Inference solvers: how the free states descend the energy.
 
 A solver integrates a state field $g(x) = \partial F / \partial x$ (or its fixed-prediction or
-preconditioned form, `pcjax._models`) from the initial states:
+preconditioned form: the energy transformations, [pcjax.fixed_predictions][] and
+[pcjax.preconditioned][]) from the initial states:
 
 - `GradientDescent`: $x_{t+1} = x_t + \text{optimizer}(g(x_t))$ for a fixed number of steps, or
-  until every sample's gradient norm is at most `tol`; any optax optimizer, `pcjax.langevin`
+  until every sample's gradient norm is at most `tol`; any optax optimizer, [pcjax.langevin][]
   included (Monte Carlo PC: pass a key).
 - `ODE`: the gradient flow $\dot x = -g(x)$ integrated by a diffrax solver with adaptive step
   sizes, stopped by a steady-state event $\max_n \lVert g_n(x) \rVert \le$ `tol`.
@@ -70,6 +71,8 @@ NOT_CONVERGED_MESSAGE = (
 class InferInfo(NamedTuple):
     r"""What inference reports besides the relaxed states.
 
+    **Fields** (scalar arrays, unless said otherwise):
+
     - `energy`: the energy at the returned states.
     - `diverged`: True if the energy or the state gradient at the returned states is non-finite
       (a NaN or inf reached at any step persists in the states).
@@ -94,8 +97,23 @@ class InferInfo(NamedTuple):
       the samples $n$, $g = \\partial F / \\partial x$ (1 at step 0; a sample whose start field
       is exactly 0 is at equilibrium and counts 0). For smooth networks a small value means
       the states are near a stationary point; for non-smooth ones (ReLU, max pooling) the field
-      need not vanish at the minimum: use `pcjax.equilibrium_gap`.
+      need not vanish at the minimum: use [pcjax.equilibrium_gap][].
     - `initial_grad_norm`: the largest per-sample field norm at the start.
+
+    Solvers fill every field but `energies`; a field a solver does not report is None.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.GradientDescent(5, record_energy=True)
+    >>> _, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> info.energies.shape, bool(jnp.all(jnp.diff(info.energies) < 0))
+    ((5,), True)
+    >>> int(info.evaluations), float(info.relative_grad_norm) < 1.0
+    (6, True)
+
+    ```
     """
 
     energy: Array
@@ -441,8 +459,23 @@ class GradientDescent(AbstractSolver):
     - `record_energy`: keep the energy before each update (`InferInfo.energies`).
     - `unroll`: unrolling of the `lax.scan` (ignored with `tol`); None: fully unrolled up to 16
       steps (convolutions in rolled loops are slow on CPU), rolled beyond.
-    - `throw`: raise at run time if the energy diverges or `tol` is not reached (see the
-      module docstring for what `jax.jit` and `eqx.filter_jit` show).
+    - `throw`: raise at run time if the energy diverges or `tol` is not reached (see "What
+      `throw=True` raises" at the top of this page for what `jax.jit` and `eqx.filter_jit` show).
+
+    **Raises:** `ValueError` for `steps` not a positive int, a step size that is not a
+    positive finite number, or an optimizer whose first update ascends the gradient.
+
+    **Example** ([setup][examples-setup]): stop each sample at a field norm of 0.01.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.GradientDescent(200, step_size=0.2, tol=1e-2)
+    >>> states, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> bool(info.converged), bool(info.grad_norm <= 1e-2), int(info.steps) < 200
+    (True, True, True)
+    >>> momentum = pc.GradientDescent(20, optax.sgd(0.1, momentum=0.5))  # any optax optimizer
+
+    ```
     """
 
     steps: int = eqx.field(static=True)
@@ -591,20 +624,27 @@ class ODE(AbstractSolver):
     are where gradient descent converges too, so any step rule reaches the same equilibrium;
     the adaptive controller takes large steps where the flow is slow.
 
-    **Arguments:**
+    **Main arguments:**
 
-    - `solver`: an explicit diffrax solver; default `diffrax.Heun()` (two evaluations a step).
-    - `tol`: the steady-state tolerance on the per-sample gradient norm; None integrates to
-      `t1` (which must then be finite).
+    - `solver`: an explicit diffrax solver; default None (`diffrax.Heun()`, two evaluations
+      a step).
+    - `tol`: the steady-state tolerance on the per-sample gradient norm; default 1e-3; None
+      integrates to `t1` (which must then be finite).
+    - `dtmax`: the largest step of the default `diffrax.PIDController`; default 0.5 (see
+      *Stiffness* below).
+
+    **Other arguments** (keyword-only):
+
     - `t1`: the end time (default infinity: stop at the event).
-    - `dt0`: the first step size.
-    - `rtol`, `atol`, `dtmax`: the tolerances and largest step of the default
-      `diffrax.PIDController`; or pass `stepsize_controller` (e.g.
+    - `dt0`: the first step size; default 0.1.
+    - `rtol`, `atol`: the tolerances of the default `diffrax.PIDController`; default 1e-3
+      and 1e-4.
+    - `stepsize_controller`: replaces the default controller (e.g.
       `diffrax.ConstantStepSize()`, which makes `diffrax.Euler` gradient descent with step
-      `dt0`).
-    - `max_steps`: the most solver steps.
+      `dt0`); default None.
+    - `max_steps`: the most solver steps; default 4096.
     - `throw`: raise at run time if the energy diverges or `tol` is not reached (read it under
-      `eqx.filter_jit`: see the module docstring).
+      `eqx.filter_jit`: see "What `throw=True` raises" at the top of this page).
 
     **Stiffness.** An explicit solver is stable only for steps below $c / \lambda_{\max}$,
     $\lambda_{\max}$ the largest eigenvalue of the energy's Hessian in the states ($c = 2$
@@ -618,6 +658,21 @@ class ODE(AbstractSolver):
 
     Every step also evaluates the field once for the event; `InferInfo.evaluations` counts
     every evaluation (stages of accepted and rejected steps, event checks, the final report).
+
+    **Raises:** `TypeError` for a `solver` or `stepsize_controller` that is not diffrax's;
+    `ValueError` for a `tol` of None with an infinite `t1`, an implicit solver, or a `t1`,
+    `dt0` or tolerance that is not positive.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.ODE(tol=1e-3)  # Heun with adaptive steps, up to the steady state
+    >>> states, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> bool(info.converged), bool(info.grad_norm <= 1e-3)
+    (True, True)
+
+    ```
     """
 
     solver: Any
@@ -767,8 +822,8 @@ class ConjugateGradient(AbstractSolver):
     quadratic and one Newton round suffices.
 
     **Validity.** CG needs a symmetric positive definite $H$: the field must be the
-    gradient of an energy (standard PC or `pcjax.error_parameterised`; not
-    `pcjax.fixed_predictions` or `pcjax.preconditioned`, which `pcjax.infer` and the
+    gradient of an energy (standard PC or [pcjax.error_parameterised][]; not
+    [pcjax.fixed_predictions][] or [pcjax.preconditioned][], which [pcjax.infer][] and the
     training rules reject). Where a CG meets non-positive curvature ($p^\top H p \le 0$:
     the PC energy's Hessian is indefinite when errors are large) it stops there and keeps
     the step made so far; if that happens at its first iteration it makes no step, and
@@ -787,11 +842,26 @@ class ConjugateGradient(AbstractSolver):
       returned states against `tol`.
     - `unroll`: unrolling of the CG `lax.scan`.
     - `throw`: raise at run time if the energy diverges or `tol` is not reached (read it under
-      `eqx.filter_jit`: see the module docstring).
+      `eqx.filter_jit`: see "What `throw=True` raises" at the top of this page).
 
     `InferInfo.steps` is the scheduled CG iterations, `steps * newton_steps`;
     `evaluations` counts one per linearisation and one per Hessian-vector product, plus
     the final report.
+
+    **Raises:** `ValueError` for `steps` or `newton_steps` not a positive int; with
+    `per_sample=True`, in [pcjax.infer][], for a state without the batch's sample axis.
+
+    **Example** ([setup][examples-setup]): a few Newton-CG rounds relax the states far
+    below the tolerance that gradient descent reaches in as many field evaluations.
+
+    ```pycon
+    >>> start = pc.forward_init(fn, params, x)
+    >>> solver = pc.ConjugateGradient(4, newton_steps=3)
+    >>> states, info = pc.infer(fn, params, {"h": start["h"]}, x, {"y": y}, solver=solver)
+    >>> bool(info.relative_grad_norm < 1e-3), int(info.steps)
+    (True, 12)
+
+    ```
     """
 
     needs_gradient_field: ClassVar[bool] = True

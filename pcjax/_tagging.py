@@ -9,7 +9,7 @@ one call yields every node's prediction from its parents' *states*. Because the 
 the traced program, it survives `jax.vmap`, `lax.scan`, `jax.jit` (whatever the state of its
 cache) and `jax.checkpoint` inside the function.
 
-`pcjax.dense` marks a dense layer for the Kronecker and diagonal Fisher statistics
+[pcjax.dense][] marks a dense layer for the Kronecker and diagonal Fisher statistics
 (`pcjax._dense`), which find such layers from the same traced program.
 """
 
@@ -55,7 +55,7 @@ def node(
     - `value`: one array, the prediction of the node computed from its parents.
     - `energy`: the node's energy term as a function `(state, prediction) -> scalar` (summed
       over the batch), replacing the default Gaussian $\tfrac12 e^\top P e$; e.g.
-      `pcjax.cross_entropy` for a label node whose prediction is logits. Such nodes take no
+      [pcjax.cross_entropy][] for a label node whose prediction is logits. Such nodes take no
       precision and no natural gradient.
     - `precision`: the node's precision computed by the function itself, an array that
       broadcasts to `value` (e.g. per sample and feature, or `(batch, 1)` per sample), which
@@ -64,8 +64,8 @@ def node(
       $\tfrac12 \sum p\,(x - \mu)^2 - \tfrac12 \sum \log p$ (summed over all entries), so
       the parameters that compute $p$ learn from the same energy as the rest (attention-like,
       input-dependent precision). Such a node takes no `precision=` argument elsewhere; the
-      natural gradient, `pcjax.preconditioned` and nudging it with `pcjax.Nudged` refuse it.
-      With `pcjax.fixed_predictions`, $p$ is frozen at the feedforward pass like $\mu$.
+      natural gradient, [pcjax.preconditioned][] and nudging it with [pcjax.Nudged][] refuse it.
+      With [pcjax.fixed_predictions][], $p$ is frozen at the feedforward pass like $\mu$.
 
     **Returns:** `value`, or the node's state when pcjax substitutes states.
 
@@ -82,6 +82,21 @@ def node(
     - `jax.jit`, `eqx.filter_jit`, `jax.checkpoint` / `eqx.filter_checkpoint`: transparent.
     - a node inside `lax.while_loop`, `lax.cond` / `switch`, a `custom_jvp` / `custom_vjp`
       function or `shard_map` raises a `ValueError` naming the node and the construct.
+
+    **Raises:** nothing when called; pcjax's functions raise a `ValueError` that names the node
+    for a name tagged twice in one call, a node in an unsupported construct (above), or a
+    state whose shape or dtype differs from the node's value.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> pc.node("h", jnp.ones(2))  # outside pcjax: the value itself
+    Array([1., 1.], dtype=float32)
+    >>> states = pc.forward_init(fn, params, x)  # inside: each node is recorded
+    >>> {name: state.shape for name, state in states.items()}
+    {'h': (2, 4), 'y': (2, 2)}
+
+    ```
     """
     return tag(name, value, energy=energy, precision=precision)
 
@@ -90,14 +105,31 @@ def dense(inputs: Array, weight: Array, bias: Array | None = None) -> Array:
     r"""A dense layer `inputs @ weight + bias` that pcjax's Fisher statistics must find.
 
     It computes exactly `inputs @ weight (+ bias)`. The `"diagonal"` and `"kronecker"` modes
-    of `pcjax.natural_gradient` find dense layers tagged as nodes by themselves (`h @ w + b`,
-    `eqx.nn.Linear`, under `jax.vmap` and in `lax.scan` bodies, see `pcjax.fisher_mask`);
-    `pcjax.dense` additionally makes it an error if this layer is not found: its output is not
+    of [pcjax.natural_gradient][] find dense layers tagged as nodes by themselves (`h @ w + b`,
+    `eqx.nn.Linear`, under `jax.vmap` and in `lax.scan` bodies, see [pcjax.fisher_mask][]);
+    [pcjax.dense][] additionally makes it an error if this layer is not found: its output is not
     tagged directly, `pcjax.node(name, pcjax.dense(h, w, b))`, or its weight is not a
     parameter leaf itself (a transformed copy). Its Fisher is $\mathbb{E}[h h^\top] \otimes P$.
 
-    **Arguments:** `inputs` of shape `(..., in)`, `weight` of shape `(in, out)`, optional `bias`
-    of shape `(out,)`.
+    **Arguments:**
+
+    - `inputs`: the layer's input, shape `(..., in)`.
+    - `weight`: the weight matrix, shape `(in, out)`: a parameter leaf.
+    - `bias`: the bias, shape `(out,)`; default None (no bias).
+
+    **Returns:** `inputs @ weight + bias`, shape `(..., out)`.
+
+    **Raises:** `ValueError` naming both shapes if `weight` is not `(in, out)` with `in` the
+    last axis of `inputs`; [pcjax.fisher_statistics][] raises one if the layer is not found.
+
+    **Example:**
+
+    ```pycon
+    >>> pc.dense(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.zeros(4))
+    Array([[3., 3., 3., 3.],
+           [3., 3., 3., 3.]], dtype=float32)
+
+    ```
     """
     if jnp.ndim(weight) != 2 or jnp.shape(inputs)[-1:] != jnp.shape(weight)[:1]:
         raise ValueError(
@@ -149,7 +181,7 @@ def forward_init(fn: Callable[..., Any], params: Any, x: Any) -> Nodes:
 
     These are the usual initial states for inference: with them, every latent prediction error
     is zero and only clamped (observed) nodes carry error. Nodes tagged under `jax.vmap` or in
-    a `lax.scan` body come batched / stacked (see `pcjax.node`).
+    a `lax.scan` body come batched / stacked (see [pcjax.node][]).
 
     **Returns:** a dict mapping node names to arrays.
     """
@@ -196,7 +228,7 @@ def offset_predictions(
 ) -> Nodes:
     r"""Every node's prediction in the forward pass where each node in `errors` takes the
     value $\mu_i + \varepsilon_i$ and each node in `observed` its observed value (the error
-    parameterisation, `pcjax.error_parameterised`)."""
+    parameterisation, [pcjax.error_parameterised][])."""
     return run_tagged(fn, params, x, observed, errors)[1]
 
 
@@ -231,8 +263,27 @@ def mixed_precision(
     `jax.jit`, `eqx.filter_jit` or `jax.checkpoint` with a warm cache. A function containing
     a `mixed_precision` call records every floating-point node in `state_dtype`.
 
-        net = pcjax.mixed_precision(my_net)            # bfloat16 matmuls, float32 states
-        step = pcjax.make_train_step(net, pcjax.Equilibrium(pcjax.GradientDescent(8)), optimizer)
+    **Arguments:**
+
+    - `fn`: the tagged forward function `fn(params, x)`.
+    - `compute_dtype`: the dtype its parameters and inputs are cast to; default bfloat16.
+    - `state_dtype`: the dtype of the node states, errors and energy; default float32.
+
+    **Returns:** the function `wrapped(params, x)`, to use wherever `fn` goes
+    ([pcjax.infer][], [pcjax.make_train_step][], the energy transformations).
+
+    **Raises:** nothing itself; JAX raises for dtypes that are not floating-point.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> net = pc.mixed_precision(fn)  # bfloat16 matmuls, float32 states
+    >>> states = pc.forward_init(net, params, x)
+    >>> states["h"].dtype, net(params, x).dtype
+    (dtype('float32'), dtype(bfloat16))
+    >>> step = pc.make_train_step(net, pc.Equilibrium(pc.GradientDescent(4)), optax.sgd(0.1))
+
+    ```
     """
 
     def cast(tree: Any) -> Any:

@@ -40,12 +40,43 @@ MNIST_SHA256 = {
 
 
 class DatasetUnavailableError(RuntimeError):
-    """The data set is neither on disk nor downloadable."""
+    """The data set is neither on disk nor downloadable.
+
+    A `RuntimeError`: catch it to fall back on another data set.
+
+    **Example:**
+
+    ```pycon
+    >>> import tempfile
+    >>> from pcjax.datasets import DatasetUnavailableError, load_mnist, synthetic_images
+    >>> try:
+    ...     data = load_mnist(tempfile.mkdtemp(), download=False)
+    ... except DatasetUnavailableError:
+    ...     data = synthetic_images((28, 28), n_train=8, n_test=4)
+    >>> data.name
+    'synthetic (28, 28)'
+
+    ```
+    """
 
 
 class Dataset(NamedTuple):
     """Images as float32 in [0, 1], shape `(n, height, width)` (grey) or `(n, height, width, 3)`
-    (colour); labels as int32, shape `(n,)`."""
+    (colour); labels as int32, shape `(n,)`.
+
+    **Fields:** `x_train`, `y_train`, `x_test`, `y_test` (NumPy arrays as above) and `name`
+    (a description of the data set).
+
+    **Example:**
+
+    ```pycon
+    >>> from pcjax.datasets import synthetic_images
+    >>> data = synthetic_images((8, 8, 3), classes=4, n_train=16, n_test=8)
+    >>> data.x_train.shape, data.x_train.dtype, data.y_test.shape, data.y_test.dtype
+    ((16, 8, 8, 3), dtype('float32'), (8,), dtype('int32'))
+
+    ```
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -55,7 +86,23 @@ class Dataset(NamedTuple):
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """`data_dir`, else `$PCJAX_DATA_DIR`, else `$XDG_CACHE_HOME/pcjax` (`~/.cache/pcjax`)."""
+    """`data_dir`, else `$PCJAX_DATA_DIR`, else `$XDG_CACHE_HOME/pcjax` (`~/.cache/pcjax`).
+
+    **Arguments:**
+
+    - `data_dir`: a folder given by the caller; default None.
+
+    **Returns:** the folder, a `pathlib.Path` (it need not exist).
+
+    **Example:**
+
+    ```pycon
+    >>> from pcjax.datasets import default_data_dir
+    >>> default_data_dir("/data/sets")
+    PosixPath('/data/sets')
+
+    ```
+    """
     if data_dir is not None:
         return Path(data_dir)
     if os.environ.get(DATA_DIR_ENV):
@@ -135,6 +182,22 @@ def load_mnist(
     - `timeout`: seconds per request.
 
     **Raises:** `DatasetUnavailableError` if a file is missing and cannot be downloaded.
+
+    **Returns:** a [pcjax.datasets.Dataset][]: images `(60000, 28, 28)` and `(10000, 28, 28)`
+    float32 in [0, 1], labels int32.
+
+    **Example** (offline: with no files and no download the error says so):
+
+    ```pycon
+    >>> import tempfile
+    >>> from pcjax.datasets import DatasetUnavailableError, load_mnist
+    >>> try:
+    ...     load_mnist(tempfile.mkdtemp(), download=False)
+    ... except DatasetUnavailableError as error:
+    ...     print(type(error).__name__)
+    DatasetUnavailableError
+
+    ```
     """
     directory = default_data_dir(data_dir)
     arrays = {}
@@ -164,6 +227,26 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
     A small real data set that needs no download: it ships inside scikit-learn (install the
     `demo` extra). Split at random (fixed `seed`) into train and test sets.
+
+    **Arguments:**
+
+    - `test_fraction`: the share of the images in the test set; default 0.2.
+    - `seed`: the seed of the split; default 0.
+
+    **Returns:** a [pcjax.datasets.Dataset][]: images `(n, 8, 8)` float32 in [0, 1], labels
+    int32.
+
+    **Raises:** [pcjax.datasets.DatasetUnavailableError][] without scikit-learn.
+
+    **Example:**
+
+    ```pycon
+    >>> from pcjax.datasets import load_digits
+    >>> data = load_digits()
+    >>> data.x_train.shape, data.x_test.shape, int(data.y_train.max())
+    ((1438, 8, 8), (359, 8, 8), 9)
+
+    ```
     """
     try:
         from sklearn.datasets import load_digits as sklearn_digits
@@ -185,7 +268,28 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 class UnsafePickleError(ValueError):
-    """A data file's pickle names a global (a function or class) its format does not need."""
+    """A data file's pickle names a global (a function or class) its format does not need.
+
+    A `ValueError`, raised by [pcjax.datasets.load_cifar10][] instead of unpickling a file
+    that would run code.
+
+    **Example:**
+
+    ```pycon
+    >>> import pathlib, pickle, tempfile
+    >>> from pcjax.datasets import UnsafePickleError, load_cifar10
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+    ...              "data_batch_5", "test_batch"):
+    ...     _ = (folder / name).write_bytes(pickle.dumps(print))  # names a function
+    >>> try:
+    ...     load_cifar10(folder)
+    ... except UnsafePickleError as error:
+    ...     print("refused")
+    refused
+
+    ```
+    """
 
 
 def _latin1_encode(text: str, encoding: str) -> bytes:
@@ -280,6 +384,28 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
     **Raises:** `DatasetUnavailableError` if the files are not there; `UnsafePickleError` (a
     `ValueError`) if a file's pickle names any other function or class; `ValueError` if a file
     is not a readable CIFAR-10 batch.
+
+    **Arguments:**
+
+    - `data_dir`: the folder holding `cifar-10-batches-py` (or the batches themselves);
+      default None (`$PCJAX_DATA_DIR`, else `~/.cache/pcjax`).
+
+    **Returns:** a [pcjax.datasets.Dataset][]: images `(50000, 32, 32, 3)` and
+    `(10000, 32, 32, 3)` float32 in [0, 1], labels int32.
+
+    **Example** (without the files; see [pcjax.datasets.UnsafePickleError][] for a crafted
+    file):
+
+    ```pycon
+    >>> import tempfile
+    >>> from pcjax.datasets import DatasetUnavailableError, load_cifar10
+    >>> try:
+    ...     load_cifar10(tempfile.mkdtemp())
+    ... except DatasetUnavailableError:
+    ...     print("not there")
+    not there
+
+    ```
     """
     directory = default_data_dir(data_dir)
     folder = next(
@@ -325,6 +451,28 @@ def synthetic_images(
     random contrast in [0.6, 1.4], plus a random brightness offset and Gaussian pixel noise of
     standard deviation `noise`, clipped to [0, 1]. The shifts make a template-matching
     classifier insufficient. For timing and smoke tests, not for accuracy claims.
+
+    **Arguments:**
+
+    - `shape`: one image's shape, `(height, width)` (grey) or `(height, width, channels)`;
+      default `(32, 32, 3)`.
+    - `classes`: the number of classes; default 10.
+    - `n_train`, `n_test`: the numbers of images; default 5000 and 1000.
+    - `noise`: the pixel noise's standard deviation; default 0.25.
+    - `max_shift`: the largest shift in pixels; default 4.
+    - `seed`: the seed of the templates and the images; default 0.
+
+    **Returns:** a [pcjax.datasets.Dataset][].
+
+    **Example:**
+
+    ```pycon
+    >>> from pcjax.datasets import synthetic_images
+    >>> data = synthetic_images((8, 8), classes=3, n_train=6, n_test=3)
+    >>> data.x_train.shape, float(data.x_train.min()) >= 0.0, float(data.x_train.max()) <= 1.0
+    ((6, 8, 8), True, True)
+
+    ```
     """
     rng = np.random.default_rng(seed)
     height, width = shape[0], shape[1]

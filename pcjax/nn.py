@@ -1,15 +1,15 @@
-"""Model builders made of equinox layers that tag their PC nodes: `pcjax.nn`.
+"""Model builders made of equinox layers that tag their PC nodes: [pcjax.nn][].
 
 Every model is a *per-sample* equinox module built from `eqx.nn` layers (`Linear`, `Conv2d`,
 `LayerNorm`, `MultiheadAttention`, `LSTMCell`, `GRUCell`) whose `__call__` tags its
-intermediate values with `pcjax.node`, exactly as you would tag your own equinox model. Hand it
+intermediate values with [pcjax.node][], exactly as you would tag your own equinox model. Hand it
 to pcjax as `fn=pcjax.nn.call, params=model`: `call(model, x)` is `jax.vmap(model)(x)` over the
 leading batch axis of `x`, so every node's state is batched with the batch axis first. Nodes
 inside a `lax.scan` (recurrent models over time, `scan_layers=True` stacks over depth) are
 stacked along a leading axis of the scan length, before the batch axis: `(T, batch, ...)`.
 The node names are listed by `pcjax.forward_init(pcjax.nn.call, model, x)`.
 
-Every builder takes `output_energy` (e.g. `pcjax.cross_entropy` for a classifier whose output
+Every builder takes `output_energy` (e.g. [pcjax.cross_entropy][] for a classifier whose output
 node holds logits); the default is the Gaussian energy. Dense layers are plain `eqx.nn.Linear`
 layers whose outputs are tagged directly (`pcjax.node(name, linear(h))`), which the natural
 gradient's dense-layer detection finds under `jax.vmap` and `lax.scan`.
@@ -37,6 +37,17 @@ Builders (per-sample input shapes in brackets):
 `1 / fan_in`, zero biases); `Conv2d` is a channels-last per-sample convolution (XLA's fast layout
 on the CPU, see its docstring); `max_pool` and
 `layer_norm` are functions that work on one sample or a batch alike.
+
+**Example:** the nodes of a small classifier.
+
+```pycon
+>>> import jax, jax.numpy as jnp, pcjax as pc
+>>> model = pc.nn.MLP([3, 8, 2], key=jax.random.key(0), output_energy=pc.cross_entropy)
+>>> states = pc.forward_init(pc.nn.call, model, jnp.ones((5, 3)))  # a batch of 5
+>>> {name: state.shape for name, state in states.items()}
+{'h0': (5, 8), 'h1': (5, 2)}
+
+```
 """
 
 from __future__ import annotations
@@ -78,6 +89,26 @@ def call(model: Callable[[Any], Array], x: Any) -> Array:
     The `fn` to pass to pcjax together with `params=model`, e.g.
     `step = pcjax.make_train_step(pcjax.nn.call, rule, optimizer)`, then
     `model, opt_state, info = step(model, opt_state, x, {"out": y})`.
+
+    **Arguments:**
+
+    - `model`: a per-sample model (a [pcjax.nn][] builder, or any function of one sample).
+    - `x`: the batch, batch axis first (a pytree: every leaf is mapped over its first axis).
+
+    **Returns:** the model's outputs, batch first.
+
+    **Raises:** what `jax.vmap` raises for leaves whose batch sizes differ.
+
+    **Example:**
+
+    ```pycon
+    >>> model = pc.nn.MLP([3, 8, 2], key=jax.random.key(0))
+    >>> pc.nn.call(model, jnp.ones((5, 3))).shape
+    (5, 2)
+    >>> sorted(pc.forward_init(pc.nn.call, model, jnp.ones((5, 3))))
+    ['h0', 'h1']
+
+    ```
     """
     return jax.vmap(model)(x)
 
@@ -115,7 +146,25 @@ def _normal(key: Array, shape: tuple[int, ...], fan_in: int, dtype: Any, scale: 
 class Linear(eqx.nn.Linear):
     """`eqx.nn.Linear` (`weight @ x + bias`, weight of shape `(out, in)`, one sample of shape
     `(in,)`) initialised with normal weights of standard deviation `scale / sqrt(in)` and a
-    zero bias."""
+    zero bias.
+
+    **Arguments:**
+
+    - `in_features`, `out_features`: the input and output sizes.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `scale`: the weights' standard deviation times `sqrt(in_features)`; default 1.
+    - `use_bias`: whether to add a (zero-initialised) bias; default True.
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Example:**
+
+    ```pycon
+    >>> layer = pc.nn.Linear(3, 2, key=jax.random.key(0))
+    >>> layer.weight.shape, layer(jnp.ones(3)).shape, float(jnp.abs(layer.bias).max())
+    ((2, 3), (2,), 0.0)
+
+    ```
+    """
 
     def __init__(
         self,
@@ -144,6 +193,25 @@ class Conv2d(eqx.Module):
     Channels last, unlike `eqx.nn.Conv2d` (channels first): under `jax.vmap` it becomes one
     NHWC convolution, which XLA runs 3.2x faster than the NCHW one on the CPU (a CNN PC
     training step, channels 16-32-64, batch 64: 103 ms vs 329 ms).
+
+    **Arguments:**
+
+    - `in_channels`, `out_channels`: the channels of the input and output.
+    - `kernel`: the kernel size `k`; default 3.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `stride`: the stride; default 1.
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` when called on an array that is not one `(H, W, C)` sample.
+
+    **Example:**
+
+    ```pycon
+    >>> conv = pc.nn.Conv2d(3, 4, key=jax.random.key(0))
+    >>> conv(jnp.ones((8, 8, 3))).shape
+    (8, 8, 4)
+
+    ```
     """
 
     weight: Array
@@ -185,6 +253,23 @@ def max_pool(x: Array, size: int = 2) -> Array:
     Written as a reshape and a max over the window axes: its gradient is a cheap mask instead
     of the select-and-scatter that `lax.reduce_window` differentiates to, and PC inference
     differentiates through every pooling layer at every step.
+
+    **Arguments:**
+
+    - `x`: one `(H, W, C)` image or a batch `(N, H, W, C)`.
+    - `size`: the window size; default 2.
+
+    **Returns:** the pooled images, `(H // size, W // size, C)` (batch first for a batch).
+
+    **Example:**
+
+    ```pycon
+    >>> image = jnp.arange(16.0).reshape(4, 4, 1)
+    >>> pc.nn.max_pool(image)[..., 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+
+    ```
     """
     *lead, height, width, channels = x.shape
     h, w = height // size, width // size
@@ -193,7 +278,23 @@ def max_pool(x: Array, size: int = 2) -> Array:
 
 
 def layer_norm(x: Array, eps: float = 1e-5) -> Array:
-    """Normalise the last axis to zero mean and unit variance (no affine part)."""
+    """Normalise the last axis to zero mean and unit variance (no affine part).
+
+    **Arguments:**
+
+    - `x`: any array; its last axis is normalised.
+    - `eps`: added to the variance; default 1e-5.
+
+    **Returns:** an array of the shape of `x`.
+
+    **Example:**
+
+    ```pycon
+    >>> pc.nn.layer_norm(jnp.array([1.0, 2.0, 3.0])).round(3)
+    Array([-1.225,  0.   ,  1.225], dtype=float32)
+
+    ```
+    """
     mean = jnp.mean(x, -1, keepdims=True)
     var = jnp.var(x, -1, keepdims=True)
     return (x - mean) * lax.rsqrt(var + eps)
@@ -222,7 +323,35 @@ def _scan_layers(apply: Callable[[Any, eqx.Module], Any], carry: Any, stacked: e
 
 class MLP(eqx.Module):
     """Dense layers with an activation between them; node `{prefix}{i}` per layer output
-    (pre-activation), the last one being the output node. One sample: `(sizes[0],)`."""
+    (pre-activation), the last one being the output node. One sample: `(sizes[0],)`.
+
+    **Arguments:**
+
+    - `sizes`: the layer sizes, input first, output last (at least 2 entries).
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `activation`: applied between layers; default `jax.nn.gelu`.
+    - `prefix`: the node names' prefix; default `"h"`.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for fewer than 2 sizes; when called, for an input that is not one
+    `(sizes[0],)` sample.
+
+    **Example** ([setup][examples-setup]): a classifier trained with
+    [pcjax.make_train_step][] on [pcjax.nn.call][].
+
+    ```pycon
+    >>> model = pc.nn.MLP([3, 8, 2], key=jax.random.key(0), output_energy=pc.cross_entropy)
+    >>> rule = pc.Equilibrium(pc.GradientDescent(4))
+    >>> step = pc.make_train_step(pc.nn.call, rule, optax.sgd(0.1))
+    >>> opt_state = optax.sgd(0.1).init(eqx.filter(model, eqx.is_inexact_array))
+    >>> model, opt_state, info = step(model, opt_state, x, {"h1": y})
+    >>> bool(info.diverged)
+    False
+
+    ```
+    """
 
     layers: list[Linear]
     activation: Callable[[Array], Array] = eqx.field(static=True)
@@ -268,6 +397,32 @@ class VGG(eqx.Module):
     states of shape `(batch, H, W, C)`. Nodes: `conv{i}` per convolution output, `fc{j}` per
     dense output (the last is the output). `channels` lists the convolution widths;
     `pool_after` the block indices followed by pooling (default: every block).
+
+    **Arguments:**
+
+    - `in_channels`: the images' channels.
+    - `channels`: the convolution widths, one per block.
+    - `hidden`: the widths of the dense layers between the convolutions and the output.
+    - `out_features`: the output size.
+    - `image_size`: the images' height and width (square images).
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `pool_after`: the indices of the blocks followed by 2x2 max pooling; default None (every
+      block).
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** when called, `ValueError` for an input that is not one `(H, W, C)` image.
+
+    **Example:**
+
+    ```pycon
+    >>> model = pc.nn.VGG(1, [2], [4], 3, image_size=4, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((2, 4, 4, 1)))
+    >>> {name: state.shape for name, state in states.items()}
+    {'conv0': (2, 4, 4, 2), 'fc0': (2, 4), 'fc1': (2, 3)}
+
+    ```
     """
 
     convs: list[Conv2d]
@@ -356,6 +511,32 @@ class ResNet(eqx.Module):
     (default 1). The branches then start small (each adds O(1/sqrt(N L)) to the stream). The
     full muPC parameterisation (unit-variance weights, input and output multipliers, one-layer
     branches) is `ResidualMLP`.
+
+    **Arguments:**
+
+    - `in_features`, `width`, `out_features`: the input size, the residual stream's width and
+      the output size.
+    - `depth`: the number of residual blocks, at least 1.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `mupc`: scale the branches by muPC's $1/\\sqrt{N L}$; default False.
+    - `branch_scale`: the branch multiplier $s$ without `mupc`; default 1.
+    - `scan_layers`: stack the blocks and run them in a `lax.scan`; default False.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for a `depth` below 1; when called, for an input that is not one
+    `(in_features,)` sample.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> model = pc.nn.ResNet(3, 4, 2, 2, key=jax.random.key(0), scan_layers=True)
+    >>> states = pc.forward_init(pc.nn.call, model, x)
+    >>> {name: state.shape for name, state in states.items()}
+    {'stem': (2, 4), 'block_hidden': (2, 2, 4), 'block': (2, 2, 4), 'out': (2, 2)}
+
+    ```
     """
 
     stem: Linear
@@ -422,6 +603,30 @@ class ResidualMLP(eqx.Module):
     Nodes: `stem` ($h_0$), `block` (the $h_l$, stacked by the `lax.scan` over the blocks:
     `(L, batch, width)`; each block output predicted from the block before it) and `out`.
     One sample: `(in_features,)`.
+
+    **Arguments:**
+
+    - `in_features`, `width`, `out_features`: the input size $D$, the width $N$ and the output
+      size.
+    - `depth`: the number of blocks $L$, at least 1.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `parameterisation`: `"mupc"` (default) or `"standard"`.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for a `depth` below 1 or an unknown `parameterisation`; when called,
+    for an input that is not one `(in_features,)` sample.
+
+    **Example** ([setup][examples-setup]):
+
+    ```pycon
+    >>> model = pc.nn.ResidualMLP(3, 4, 2, 2, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, x)
+    >>> {name: state.shape for name, state in states.items()}
+    {'stem': (2, 4), 'block': (2, 2, 4), 'out': (2, 2)}
+
+    ```
     """
 
     stem: Array
@@ -517,6 +722,30 @@ class LSTM(eqx.Module):
     (and `gates{t}`) per step. Then `out`. The cell's equations are written out from its
     weights (the same function as calling the cell) so that `h` is predicted from the state of
     `c`, and the gates can be nodes.
+
+    **Arguments:**
+
+    - `in_features`, `hidden`, `out_features`: the input features per time step, the hidden
+      size and the output size.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `nodes`: `"layer"` (default: `c`, `h`) or `"op"` (also `gates`).
+    - `scan`: run over time in a `lax.scan` (default True) or unrolled in Python.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for an unknown `nodes`; when called, for an input that is not one
+    `(time, in_features)` sample.
+
+    **Example:**
+
+    ```pycon
+    >>> model = pc.nn.LSTM(2, 3, 2, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((4, 5, 2)))  # batch 4, time 5
+    >>> {name: state.shape for name, state in states.items()}
+    {'c': (5, 4, 3), 'h': (5, 4, 3), 'out': (4, 2)}
+
+    ```
     """
 
     cell: eqx.nn.LSTMCell
@@ -575,6 +804,30 @@ class GRU(eqx.Module):
     With `nodes="op"` the cell is written out from its weights with two more nodes per step:
     `gates` (the reset and update gate pre-activations, `2 * hidden`) and `candidate` (the
     candidate state). Then `out`.
+
+    **Arguments:**
+
+    - `in_features`, `hidden`, `out_features`: the input features per time step, the hidden
+      size and the output size.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `nodes`: `"layer"` (default: `h`) or `"op"` (also `gates`, `candidate`).
+    - `scan`: run over time in a `lax.scan` (default True) or unrolled in Python.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for an unknown `nodes`; when called, for an input that is not one
+    `(time, in_features)` sample.
+
+    **Example:**
+
+    ```pycon
+    >>> model = pc.nn.GRU(2, 3, 2, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((4, 2, 2)))  # batch 4, time 2
+    >>> {name: state.shape for name, state in states.items()}  # h: stacked over time
+    {'h': (2, 4, 3), 'out': (4, 2)}
+
+    ```
     """
 
     cell: eqx.nn.GRUCell
@@ -729,6 +982,32 @@ class TransformerBlock(eqx.Module):
     (`x + attn`, two parents), `mlp_hidden`, `res2` and `out`. With `nodes="op"` also `q`, `k`,
     `v` (`(batch, sequence, d_model)`) and `scores` (the attention logits,
     `(batch, heads, sequence, sequence)`).
+
+    **Arguments:**
+
+    - `d_model`: the features per position (divisible by `heads`).
+    - `heads`: the attention heads.
+    - `mlp_hidden`: the MLP's hidden width.
+    - `out_features`: the read-out's output size.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `nodes`: `"layer"` (default) or `"op"`.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for a `d_model` not divisible by `heads` or an unknown `nodes`;
+    when called, for an input that is not one `(sequence, d_model)` sample.
+
+    **Example:**
+
+    ```pycon
+    >>> model = pc.nn.TransformerBlock(4, 2, 8, 3, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((2, 5, 4)))  # batch 2, length 5
+    >>> {name: state.shape for name, state in states.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'attn': (2, 5, 4), 'res1': (2, 5, 4), 'mlp_hidden': (2, 5, 8),
+     'res2': (2, 5, 4), 'out': (2, 3)}
+
+    ```
     """
 
     layer: TransformerLayer
@@ -771,6 +1050,30 @@ class Transformer(eqx.Module):
     axis (the same values as the unrolled model built from the same key) and applied with
     `lax.scan`: nodes `block_attn`, `block_res1`, ... stacked, `(depth, batch, sequence,
     d_model)`.
+
+    **Arguments:**
+
+    - `d_model`, `heads`, `mlp_hidden`, `out_features`: as for [pcjax.nn.TransformerBlock][].
+    - `depth`: the number of blocks, at least 1.
+    - `key`: keyword, required: the `jax.random` key of the initialisation.
+    - `nodes`: `"layer"` (default) or `"op"`.
+    - `scan_layers`: stack the blocks and run them in a `lax.scan`; default False.
+    - `output_energy`: the output node's energy, e.g. [pcjax.cross_entropy][]; default None
+      (Gaussian).
+    - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
+
+    **Raises:** `ValueError` for a `depth` below 1, a `d_model` not divisible by `heads` or an
+    unknown `nodes`; when called, for an input that is not one `(sequence, d_model)` sample.
+
+    **Example:**
+
+    ```pycon
+    >>> model = pc.nn.Transformer(4, 2, 8, 3, depth=1, key=jax.random.key(0))
+    >>> states = pc.forward_init(pc.nn.call, model, jnp.ones((2, 5, 4)))  # batch 2, length 5
+    >>> sorted(states)
+    ['block0_attn', 'block0_mlp_hidden', 'block0_res1', 'block0_res2', 'out']
+
+    ```
     """
 
     layers: list[TransformerLayer] | TransformerLayer
