@@ -591,20 +591,26 @@ def guarded(
         if fallback is None:
             return first
 
+        # `lax.cond` carries arrays only: the other leaves (an equinox module's activation
+        # functions, ...) are the first attempt's, which the fallback's must equal.
+        dynamic, static = eqx.partition(first, eqx.is_array)
+
         def retry(_):
             out = fallback(params, opt_state, *args, **kwargs)
             again = _failed(out[2], out[0], out[1])
             kept = _keep_if_failed(again, params, opt_state, *out)
-            return kept[0], kept[1], kept[2]._replace(diverged=jnp.asarray(True))
+            kept = (kept[0], kept[1], kept[2]._replace(diverged=jnp.asarray(True)))
+            return eqx.filter(kept, eqx.is_array)
 
         try:
-            return jax.lax.cond(failed, retry, lambda _: first, None)
-        except TypeError as error:
+            dynamic = jax.lax.cond(failed, retry, lambda _: dynamic, None)
+        except (TypeError, ValueError) as error:
             raise TypeError(
                 "pcjax.guarded: `fallback` must return parameters, optimizer state and a "
                 "TrainInfo of the same structure, shapes and dtypes as `step`'s (build both "
                 f"with pcjax.make_train_step and the same optimizer): {error}"
             ) from error
+        return eqx.combine(dynamic, static)
 
     return guarded_step
 

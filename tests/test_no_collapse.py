@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -171,3 +174,29 @@ def test_standard_preset_never_raises_the_energy_of_a_stiff_layer_norm_network()
     after = float(norm_energy(params, relaxed, x, y))
     print("energy", before, after, "lambda", largest)
     assert np.isfinite(after) and after <= before * (1 + 1e-6)
+
+
+class Stored(eqx.Module):
+    """An equinox model holding a non-array leaf (its activation function)."""
+
+    w1: jax.Array
+    w2: jax.Array
+    act: Callable = jnp.tanh
+
+    def __call__(self, x):
+        h = pc.node("h", x @ self.w1)
+        return pc.node("y", self.act(h) @ self.w2)
+
+
+def test_guarded_fallback_takes_equinox_models_with_non_array_leaves(problem):
+    params, x, y = problem
+    model = Stored(params["w1"], params["w2"])
+    optimizer = optax.sgd(LR)
+    bad = pc.make_train_step(
+        pc.nn.call, pc.Equilibrium(pc.GradientDescent(8, step_size=1e3, unroll=1)), optimizer
+    )
+    safe = pc.make_train_step(pc.nn.call, pc.Equilibrium(SAFE), optimizer)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    new, _, info = eqx.filter_jit(pc.guarded(bad, safe))(model, opt_state, x, {"y": y})
+    assert bool(info.diverged) and int(info.skipped) == 0
+    assert new.act is jnp.tanh and not np.allclose(new.w1, model.w1)
