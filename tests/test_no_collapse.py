@@ -172,8 +172,8 @@ def test_standard_preset_never_raises_the_energy_of_a_stiff_layer_norm_network()
     relaxed = relax(params, start)
     before = float(norm_energy(params, start, x, y))
     after = float(norm_energy(params, relaxed, x, y))
-    print("energy", before, after, "lambda", largest)
-    assert np.isfinite(after) and after <= before * (1 + 1e-6)
+    # measured 25.26 -> 22.94; Backtracking allows a rise within rounding, 64 eps per step
+    assert np.isfinite(after) and after <= before * (1 + 8 * 64 * np.finfo(np.float32).eps)
 
 
 class Stored(eqx.Module):
