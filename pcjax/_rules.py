@@ -659,18 +659,50 @@ def make_train_step(
     return step
 
 
-def guarded(step: Callable[..., tuple[Any, Any, TrainInfo]]) -> Callable[..., Any]:
-    """Make a training step all-or-nothing: if its energy diverged or any updated parameter or
-    optimizer-state entry is non-finite, return the original `params` and `opt_state`
-    (with `info.diverged` True), so one bad batch cannot poison a run.
+def guarded(
+    step: Callable[..., tuple[Any, Any, TrainInfo]],
+    fallback: Callable[..., tuple[Any, Any, TrainInfo]] | None = None,
+) -> Callable[..., tuple[Any, Any, TrainInfo]]:
+    r"""Make a training step all-or-nothing, and optionally retry a failed step with a safer one.
+
+    A step *fails* when its energy diverged (`info.diverged`) or any updated parameter or
+    optimizer-state entry is non-finite. A failed update is never applied: `params` and
+    `opt_state` come back as they went in, so one bad batch cannot poison a run.
+
+    **Why a fallback.** Without one, a failed step is only skipped: training moves on only if
+    the next call differs (the next batch). When the failure comes from the state solver rather
+    than the data (a fixed state step that has become too large for the curvature of the energy,
+    about $1 + p\,\lVert W \rVert^2$ for a node of precision $p$ feeding a layer $W$, once
+    learned precisions or weights have grown), the same step fails again on every later call
+    with the same inputs, and a run over a fixed batch freezes. With `fallback`, a failed step
+    is retried once from the original `params` and `opt_state` with `fallback` (a step of the
+    same signature, e.g. the same [pcjax.make_train_step][] with a [pcjax.Backtracking][] solver,
+    whose kept state steps never raise the energy, so that a finite start stays finite), and
+    the fallback's update is applied if it does not fail. Under `jax.jit` the fallback runs
+    only when the step failed (`lax.cond`; under `jax.vmap` both run). Fallbacks compose:
+    `guarded(a, guarded(b, c))` tries `a`, then `b`, then `c`.
 
     **Arguments:**
 
-    - `step`: a training step from [pcjax.make_train_step][] (or one with its signature
-      and a [pcjax.TrainInfo][] result).
+    - `step`: a training step `step(params, opt_state, *args, **kwargs) -> (params,
+      opt_state, info)` with a [pcjax.TrainInfo][] (from [pcjax.make_train_step][]).
+    - `fallback`: None (skip a failed step), or a step with the same signature and the same
+      `TrainInfo` layout, called with the same arguments when `step` fails.
 
-    **Returns:** the guarded step, with the same arguments; its `info.skipped` is 1 where
-    the update was dropped, else 0.
+    **Returns:** the guarded step, returning `(params, opt_state, info)`:
+
+    - `step` succeeded: its results, `info.skipped` 0.
+    - `step` failed, no fallback or the fallback failed too: the original `params` and
+      `opt_state`, `info.diverged` True and `info.skipped` 1 (`info` is the last attempt's).
+    - `step` failed and the fallback succeeded: the fallback's `params`, `opt_state` and
+      `info` (energy, certificate: what the applied update learned from), with
+      `info.diverged` True (the step itself failed: watch it) and `info.skipped` 0.
+
+    Sum `info.skipped` over a run to count the steps that changed nothing, and
+    `info.diverged` to count those that needed the fallback or were skipped.
+
+    **Raises:** `TypeError` if `fallback` is not callable, or (at trace time) if its
+    `TrainInfo` does not have the layout of `step`'s.
 
     **Example** ([setup][examples-setup]): a batch with a NaN leaves the parameters as they
     were.
@@ -686,18 +718,54 @@ def guarded(step: Callable[..., tuple[Any, Any, TrainInfo]]) -> Callable[..., An
 
     ```
     """
+    if fallback is not None and not callable(fallback):
+        raise TypeError(
+            "pcjax.guarded: `fallback` must be a training step (a callable like `step`), got "
+            f"{type(fallback).__name__}."
+        )
 
     def guarded_step(params, opt_state, *args, **kwargs):
         new_params, new_state, info = step(params, opt_state, *args, **kwargs)
-        diverged = info.diverged | ~_all_finite((new_params, new_state))
-        params, opt_state = _select(diverged, (params, opt_state), (new_params, new_state))
-        return (
-            params,
-            opt_state,
-            info._replace(diverged=diverged, skipped=diverged.astype(jnp.int32)),
-        )
+        failed = _failed(info, new_params, new_state)
+        first = _keep_if_failed(failed, params, opt_state, new_params, new_state, info)
+        if fallback is None:
+            return first
+
+        # `lax.cond` carries arrays only: the other leaves (an equinox module's activation
+        # functions, ...) are the first attempt's, which the fallback's must equal.
+        dynamic, static = eqx.partition(first, eqx.is_array)
+
+        def retry(_):
+            out = fallback(params, opt_state, *args, **kwargs)
+            again = _failed(out[2], out[0], out[1])
+            kept = _keep_if_failed(again, params, opt_state, *out)
+            kept = (kept[0], kept[1], kept[2]._replace(diverged=jnp.asarray(True)))
+            return eqx.filter(kept, eqx.is_array)
+
+        try:
+            dynamic = jax.lax.cond(failed, retry, lambda _: dynamic, None)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                "pcjax.guarded: `fallback` must return parameters, optimizer state and a "
+                "TrainInfo of the same structure, shapes and dtypes as `step`'s (build both "
+                f"with pcjax.make_train_step and the same optimizer): {error}"
+            ) from error
+        return eqx.combine(dynamic, static)
 
     return guarded_step
+
+
+def _failed(info: TrainInfo, params: Any, opt_state: Any) -> Array:
+    """Whether a step's energy diverged or its update is non-finite (a scalar bool)."""
+    return jnp.asarray(info.diverged) | ~_all_finite((params, opt_state))
+
+
+def _keep_if_failed(
+    failed: Array, params: Any, opt_state: Any, new_params: Any, new_state: Any, info: TrainInfo
+) -> tuple[Any, Any, TrainInfo]:
+    """The old `(params, opt_state)` if `failed`, else the new; `info` marked accordingly."""
+    params, opt_state = _select(failed, (params, opt_state), (new_params, new_state))
+    return params, opt_state, info._replace(diverged=failed, skipped=failed.astype(jnp.int32))
 
 
 def _all_finite(tree: Any) -> Array:
