@@ -82,7 +82,8 @@ class TrainInfo(NamedTuple):
       nudge, at the nudged states).
     - `diverged`: True if that energy or the state gradient there is non-finite; under
       [pcjax.guarded][] also if the update produced a non-finite parameter or optimizer state
-      (the update was then not applied).
+      (that update was then not applied; with a `fallback`, the fallback's was, see
+      `skipped`).
     - `inference_steps`: state updates (or accepted ODE steps) made.
     - `grad_norm`, `converged`, `evaluations`: as in [pcjax.InferInfo][] (iPC: the state
       gradient of its last step; centred nudging: the larger norm of its two relaxations and
