@@ -356,6 +356,30 @@ def test_residuals_square_to_the_energy_up_to_a_constant():
         assert abs(gaps[0] - gaps[1]) < 1e-4 * abs(float(energy)), gaps
 
 
+def test_bidirectional_residuals_square_to_its_energy():
+    """bPC: sqrt(alpha_up) r_up and sqrt(alpha_down) (x - nu) square to
+    alpha_up F_up + alpha_down F_down (hand-written top-down term)."""
+    k = jax.random.split(jax.random.PRNGKey(6), 4)
+    params = {"w": jax.random.normal(k[0], (2, 3)), "v": jax.random.normal(k[1], (3, 2))}
+
+    def up(p, x):
+        return pc.node("y", pc.node("h", x @ p["w"]) @ p["v"])
+
+    def down(p, values):
+        return {"h": values["y"] @ p["v"].T}
+
+    model = pc.bidirectional(up, down, up_weight=0.5, down_weight=3.0)
+    x = jax.random.normal(k[2], (B, 2))
+    values = {"h": jax.random.normal(k[3], (B, 3)), "y": jnp.ones((B, 2))}
+    energy = pc.energy(model, params, values, x)
+    squares = sum(jnp.sum(r**2) for r in model.residuals(params, values, x, {}).values())
+    e_h, e_y = values["h"] - x @ params["w"], values["y"] - values["h"] @ params["v"]
+    down = values["h"] - values["y"] @ params["v"].T
+    expected = 0.5 * 0.5 * (jnp.sum(e_h**2) + jnp.sum(e_y**2)) + 3.0 * 0.5 * jnp.sum(down**2)
+    assert abs(float(0.5 * squares - expected)) < 1e-5 * float(expected)
+    assert abs(float(energy - expected)) < 1e-5 * float(expected)
+
+
 def test_refuses_energies_without_a_least_squares_form(stiff):
     params, x, y, h_star = stiff
     start = {"h": jnp.zeros_like(h_star)}
