@@ -12,6 +12,7 @@ from ._energy import cross_entropy
 from ._inference import infer
 from ._langevin import LangevinState, langevin
 from ._learning import param_grads
+from ._least_squares import GaussNewton, LevenbergMarquardt
 from ._models import (
     Context,
     bidirectional,
@@ -65,11 +66,13 @@ __all__ = [
     "EquilibriumGap",
     "FisherOperator",
     "FullPrecision",
+    "GaussNewton",
     "GradientDescent",
     "Incremental",
     "InferInfo",
     "KroneckerFactors",
     "LangevinState",
+    "LevenbergMarquardt",
     "NaturalGradientState",
     "Nudged",
     "Precision",

@@ -24,8 +24,8 @@ import numpy as np
 
 from ._checks import concrete_value
 from ._harvest import GRAPH_PRECISION
+from ._precision import DiagonalPrecision, FullPrecision, logdet_term, weigh
 from ._precision import Precision as PrecisionModule
-from ._precision import logdet_term, weigh
 from ._tagging import Nodes, node_energies, predicted_with_precisions
 
 Array = jax.Array
@@ -331,3 +331,63 @@ def node_energy(
     """The energy for already validated node values and precisions (the inner-loop form)."""
     predicted, in_graph = predicted_with_precisions(fn, params, values, x)
     return total_energy(values, predicted, precision, in_graph)
+
+
+def _root_weigh(precision: Any, error: Array) -> Array:
+    r"""$R^\top e$ for every error vector (the last axis), $R R^\top = P$: $\sqrt{p}\, e$ for
+    scalar and per-feature precisions, $e^\top L$ ($P = L L^\top$, Cholesky) for a full one;
+    in the errors' dtype."""
+    if isinstance(precision, DiagonalPrecision):
+        root = jnp.sqrt(precision.values())
+    elif isinstance(precision, FullPrecision):
+        chol = precision.cholesky() if precision.floor == 0.0 else None
+        if chol is None:  # P = L L^T + floor I: factor P itself
+            chol = jnp.linalg.cholesky(precision.matrix())
+        return (error @ chol.astype(error.dtype)).astype(error.dtype)
+    elif isinstance(precision, PrecisionModule):  # another module kind: factor its matrix
+        chol = jnp.linalg.cholesky(precision.dense(error.shape[-1]))
+        return (error @ chol.astype(error.dtype)).astype(error.dtype)
+    else:
+        root = jnp.sqrt(jnp.asarray(precision))
+    return (root.astype(error.dtype) * error).astype(error.dtype)
+
+
+def node_residual(name: str, spec: Any, error: Array, where: str = "pcjax") -> Array:
+    r"""The least-squares residual $r_i = R_i^\top e_i$ ($R_i R_i^\top = P_i$) of node `name`,
+    so that its Gaussian energy term is $\tfrac12 \lVert r_i \rVert^2$ plus a term that does
+    not depend on the node values (the log-det of a precision module).
+
+    **Raises:** `ValueError` naming the node when its energy is not a Gaussian least-squares
+    term of the node values: a custom energy (`pcjax.node(..., energy=...)`), or a precision
+    computed in the function (`pcjax.node(..., precision=p)`), whose
+    $-\tfrac12 \sum \log p$ depends on the states that compute $p$.
+    """
+    if isinstance(spec, CustomEnergy):
+        raise ValueError(
+            f"{where}: node {name!r} has its own energy (pcjax.node(..., energy=...)), which "
+            "is not a Gaussian least-squares term sqrt(P) e; a least-squares solver needs "
+            "every node's energy to be one (use pcjax.Backtracking or pcjax.GradientDescent)."
+        )
+    if spec is GRAPH_PRECISION:
+        raise ValueError(
+            f"{where}: node {name!r} computes its precision in the function "
+            "(pcjax.node(..., precision=p)); its energy's -1/2 sum log p term depends on the "
+            "states that compute p and is not a least-squares term (pass a precision that "
+            "does not depend on the states in `precision=`, or use pcjax.Backtracking)."
+        )
+    if spec is None:
+        return error
+    return _root_weigh(spec, error)
+
+
+def node_residuals(
+    values: Mapping[str, Array],
+    predicted: Mapping[str, Array],
+    spec: Mapping[str, Any],
+    where: str = "pcjax",
+) -> Nodes:
+    r"""Every predicted node's residual $R_i^\top (x_i - \mu_i)$ (`node_residual`): the energy
+    `total_energy` weighs is $\tfrac12 \sum_i \lVert r_i \rVert^2$ plus terms that do not
+    depend on the node values."""
+    errors = {name: values[name] - mu.astype(values[name].dtype) for name, mu in predicted.items()}
+    return {name: node_residual(name, spec.get(name), e, where) for name, e in errors.items()}

@@ -48,6 +48,7 @@ from ._energy import (
     in_graph_nodes,
     merge_nodes,
     node_energy,
+    node_residuals,
     total_energy,
 )
 from ._harvest import traces_once
@@ -63,6 +64,23 @@ from ._tagging import forward_init as feedforward_states
 
 Array = jax.Array
 StateField = Callable[[Nodes], tuple[Array, Nodes]]
+
+
+class LeastSquaresField:
+    r"""A state field `variables -> (energy, field)` that also knows the energy as a
+    least-squares problem: `residuals(variables)` is a dict of arrays $r$ with
+    $F = \tfrac12 \lVert r \rVert^2 + c$, $c$ independent of the variables (the residual of
+    node $i$ is $R_i^\top e_i$, $R_i R_i^\top = P_i$). The least-squares solvers
+    (`pcjax.GaussNewton`, `pcjax.LevenbergMarquardt`) use it; other solvers call it as a
+    plain field. `residuals` raises (naming the node) where a node's energy is not a
+    least-squares term."""
+
+    def __init__(self, value_and_grad: StateField, residuals: Callable[[Nodes], Nodes]):
+        self.value_and_grad = value_and_grad
+        self.residuals = residuals
+
+    def __call__(self, variables: Nodes) -> tuple[Array, Nodes]:
+        return self.value_and_grad(variables)
 
 
 class EnergyModel(eqx.Module):
@@ -84,10 +102,18 @@ class EnergyModel(eqx.Module):
 
     def field(self, params: Any, x: Any, observed: Nodes, spec: Mapping[str, Any]) -> StateField:
         """`variables -> (energy, field)` at fixed parameters: the standard energy's
-        `states -> (energy, dF/dstates)`."""
-        return jax.value_and_grad(
-            lambda states: self.energy(params, {**states, **observed}, x, spec)
+        `states -> (energy, dF/dstates)` (a `LeastSquaresField`: it also gives the residuals)."""
+        return LeastSquaresField(
+            jax.value_and_grad(lambda states: self.energy(params, {**states, **observed}, x, spec)),
+            lambda states: self.residuals(params, {**states, **observed}, x, spec),
         )
+
+    def residuals(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Nodes:
+        r"""The least-squares residuals of `energy` at the given node values:
+        $\tfrac12 \lVert r \rVert^2$ is the energy up to terms that do not depend on the
+        values (`pcjax._energy.node_residuals`; it raises for non-Gaussian nodes)."""
+        predicted, _ = predicted_with_precisions(self.fn, params, values, x)
+        return node_residuals(values, predicted, spec, "pcjax (least squares)")
 
     def energy(self, params: Any, values: Nodes, x: Any, spec: Mapping[str, Any]) -> Array:
         """The energy at the given node values."""
@@ -216,7 +242,12 @@ class Preconditioned(EnergyModel):
             value, grads = inner(states)
             return value, precondition_grads(spec, grads)
 
-        return value_and_grad
+        residuals = getattr(inner, "residuals", None)
+        if residuals is None:
+            return value_and_grad
+        # The energy is the inner model's: the same least-squares problem (a Gauss-Newton
+        # step is invariant under the linear change of variables that preconditioning is).
+        return LeastSquaresField(value_and_grad, residuals)
 
     def to_variables(self, params, x, observed, states):
         return self.model.to_variables(params, x, observed, states)
@@ -267,7 +298,12 @@ class ErrorParameterised(EnergyModel):
             states = {k: mu[k].astype(e.dtype) + e for k, e in errors.items()}
             return total_energy({**states, **observed}, mu, spec, in_graph)
 
-        return jax.value_and_grad(energy_of_errors)
+        def residuals_of_errors(errors: Nodes) -> Nodes:
+            mu, _ = predicted_with_precisions(self.fn, params, observed, x, errors)
+            states = {k: mu[k].astype(e.dtype) + e for k, e in errors.items()}
+            return node_residuals({**states, **observed}, mu, spec, "pcjax (least squares)")
+
+        return LeastSquaresField(jax.value_and_grad(energy_of_errors), residuals_of_errors)
 
     def gradients(self, params, states, observed, x, spec, learnable):
         value, param_grads, _ = super().gradients(params, states, observed, x, spec, learnable)
@@ -312,6 +348,17 @@ class Bidirectional(EnergyModel):
     def energy(self, params, values, x, spec):
         up = node_energy(self.fn, params, values, x, spec)
         return self.up_weight * up + self.down_weight * self.top_down_energy(params, values)
+
+    def residuals(self, params, values, x, spec):
+        r"""$\sqrt{\alpha_{\text{up}}}\, r_{\text{up}}$ and
+        $\sqrt{\alpha_{\text{down}}}\,(x_i - \nu_i)$ (keys `"down:" + name`)."""
+        up = super().residuals(params, values, x, spec)
+        self.top_down_energy(params, values)  # validates `down`'s predictions
+        down = self.down(params, dict(values))
+        root_up, root_down = self.up_weight**0.5, self.down_weight**0.5
+        out = {name: root_up * r for name, r in up.items()}
+        out.update({f"down:{k}": root_down * (values[k] - nu) for k, nu in down.items()})
+        return out
 
 
 def bidirectional(
