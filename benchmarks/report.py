@@ -577,7 +577,9 @@ def render_equilibrium_targets(document: dict[str, Any], view: str | None = None
                     if r["evaluations"] <= goal:
                         met.append(solver)
                 else:
-                    evaluations = f"not reached within {r['cap']}"
+                    at_cap = r.get("at_cap") or {}
+                    # the run at the cap made this many (Backtracking's cap counts iterations)
+                    evaluations = f"not reached within {at_cap.get('evaluations', r['cap'])}"
                     seconds, status = "-", "no"
                     at = _certificate_cell(r["at_cap"]) if r.get("at_cap") else "-"
                 cells = [name, point, solver, evaluations, seconds, status, at]

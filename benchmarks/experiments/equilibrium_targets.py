@@ -232,8 +232,8 @@ def regression_r1(batch: int, n: int) -> tuple[jax.Array, jax.Array, tuple]:
 
 def trained(case: Case, train: tuple[np.ndarray, np.ndarray], *, flat_images: bool) -> Case:
     """`case` after `TRAIN_STEPS[case.name]` Adam (1e-3) steps of backprop on its loss
-    $\\tfrac12 \\sum P (y - f(x))^2$ over batches of its size (the fixed batch excluded from
-    nothing: a partly trained point, not a generalisation test)."""
+    $\\tfrac12 \\sum P (y - f(x))^2$ over random training batches of its size (a partly
+    trained point; the fixed batch may be among them)."""
     x_train, y_train = train
     precision = 1.0
     if case.precision is not None:
