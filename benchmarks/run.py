@@ -14,6 +14,7 @@ Experiments (`benchmarks/experiments/`; `python benchmarks/run.py <experiment> -
     deep-align     standard PC's learning signal against backprop's, block by block (128 blocks)
     deep-transfer  muPC's learning-rate transfer: the best learning rate across widths and depths
     fast           PC configurations vs backprop on the demo's MLP: step time, time to 98%
+    equilibrium-targets  gradient evaluations and time to the equilibrium certificate, per solver
 
 Each writes one JSON file (`--out`, default `benchmarks/results/<experiment>[-quick].json`)
 through `harness.py` and prints its table (`report.py`). `benchmarks/sharded_training.py`
@@ -47,6 +48,7 @@ EXPERIMENTS = {
     "deep-align": "experiments.deep_align",
     "deep-transfer": "experiments.deep_transfer",
     "fast": "experiments.fast",
+    "equilibrium-targets": "experiments.equilibrium_targets",
 }
 
 

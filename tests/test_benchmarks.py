@@ -462,3 +462,58 @@ def test_deep_transfer_table_bolds_each_rows_best_learning_rate():
     document = harness.result_document("deep-transfer", config, {"cells": cells}, 1.0, {})
     rows = report.render_deep_transfer(document).splitlines()[-2:]
     assert rows == ["| 16 | 64 | 0.9500 | **0.9600** |", "| 128 | 64 | **0.9700** | diverged |"]
+
+
+# ---------------------------------------------------------------------------------------------
+# equilibrium targets: the budget search against closed forms
+
+
+def _linear_case(targets):
+    """A linear chain x -> h -> y (y clamped): the field is affine in h, g(h) = h H - b with
+    H = I + W2 W2^T per sample, so gradient descent's field is g_t = g_0 (I - eta H)^t."""
+    key1, key2, key3, key4 = jax.random.split(jax.random.PRNGKey(3), 4)
+    params = {"w1": jax.random.normal(key1, (2, 3)), "w2": 0.5 * jax.random.normal(key2, (3, 2))}
+    x, y = jax.random.normal(key3, (4, 2)), jax.random.normal(key4, (4, 2))
+
+    def net(p, x):
+        import pcjax as pc
+
+        h = pc.node("h", x @ p["w1"])
+        return pc.node("y", h @ p["w2"])
+
+    return targets.Case("linear", "linear", net, params, x, y, "y", None, 0.1, "sgd", 8)
+
+
+def test_equilibrium_targets_finds_the_closed_form_count_of_gradient_descent():
+    from experiments import equilibrium_targets as targets
+
+    case = _linear_case(targets)
+    w1, w2 = (np.asarray(case.params[k], np.float64) for k in ("w1", "w2"))
+    x, y = np.asarray(case.x, np.float64), np.asarray(case.y, np.float64)
+    hessian = np.eye(3) + w2 @ w2.T
+    field = x @ w1 @ hessian - x @ w1 - y @ w2.T  # g(h0) at the feedforward h0 = x W1
+    ratios, g = [], field
+    for _ in range(400):
+        ratios.append(np.max(np.linalg.norm(g, axis=1) / np.linalg.norm(field, axis=1)))
+        g = g @ (np.eye(3) - case.step * hessian)
+    steps = next(t for t, r in enumerate(ratios) if r <= targets.TARGET)
+    # away from the threshold, so float32 cannot move the count (measured 8.9e-4 and 1.0e-3)
+    assert ratios[steps] < 0.95e-3 and ratios[steps - 1] > 1e-3, ratios[steps - 1 : steps + 1]
+    start = np.linalg.norm(field, axis=1)  # only the ODE row uses them
+    row = targets.measure(targets.SOLVERS[0], case, 400, 1, start)
+    assert row["reached"] and row["size"] == steps
+    assert row["evaluations"] == steps + 1  # the caller's final evaluation included
+    assert row["certificate"] <= targets.TARGET
+
+
+def test_backtracking_trace_places_accepted_proposals_and_all_rejected_iterations():
+    from experiments import equilibrium_targets as targets
+
+    # (energy, field norm) of each evaluation: the start; iteration 0: one rejected proposal,
+    # then an accepted one; iteration 1: two rejected (the states stay); iteration 2: rejected,
+    # accepted; iteration 3: accepted at once
+    pairs = [(5, 8), (9, 50), (4, 4), (9, 60), (9.2, 70), (9.5, 90), (3, 3), (1, 1)]
+    stream = [(float(e), np.array([float(n)])) for e, n in pairs]
+    info = type("Info", (), {"energies": np.array([5.0, 4.0, 4.0, 3.0]), "energy": 1.0})()
+    trace = targets.trace_backtracking(stream, info, 4)
+    assert trace == [(0, 1.0), (1, 0.5), (2, 0.5), (3, 3 / 8), (4, 1 / 8)]
