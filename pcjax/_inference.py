@@ -55,7 +55,9 @@ def infer(
       (none). Every node is in exactly one of `states` and `observed`.
     - `solver`: keyword, required: [pcjax.GradientDescent][]`(steps, optimizer, tol=...)`,
       [pcjax.Backtracking][]`(steps)` (gradient descent that keeps no step raising the
-      energy), [pcjax.ODE][]`(...)` or [pcjax.ConjugateGradient][]`(steps)`.
+      energy), [pcjax.ODE][]`(...)`, [pcjax.ConjugateGradient][]`(steps)`, or
+      [pcjax.GaussNewton][]`(steps)` / [pcjax.LevenbergMarquardt][]`(steps)` (Gaussian
+      energies as weighted least squares).
 
     **Other arguments:**
 
@@ -98,7 +100,8 @@ def infer(
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             "pcjax.infer: `solver` must be a pcjax solver (pcjax.GradientDescent, "
-            "pcjax.Backtracking, pcjax.ODE, pcjax.ConjugateGradient), "
+            "pcjax.Backtracking, pcjax.ODE, pcjax.ConjugateGradient, pcjax.GaussNewton, "
+            "pcjax.LevenbergMarquardt), "
             f"got {type(solver).__name__}."
         )
     model = as_model(fn, "pcjax.infer")

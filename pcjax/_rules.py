@@ -153,7 +153,9 @@ def _check_solver(solver: Any, rule: str) -> AbstractSolver:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             f"pcjax.{rule}: `solver` must be a pcjax solver (pcjax.GradientDescent(steps), "
-            f"pcjax.ODE(), pcjax.ConjugateGradient(steps)), got {type(solver).__name__}."
+            "pcjax.Backtracking(steps), pcjax.ODE(), pcjax.ConjugateGradient(steps), "
+            f"pcjax.GaussNewton(steps), pcjax.LevenbergMarquardt(steps)), got "
+            f"{type(solver).__name__}."
         )
     return solver
 
