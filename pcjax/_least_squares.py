@@ -159,8 +159,8 @@ class _LeastSquares(AbstractSolver):
 
 class GaussNewton(_LeastSquares):
     r"""Gauss-Newton on the states (`optimistix.GaussNewton`): each step solves
-    $J^\top J\, \delta = -J^\top r$ for the least-squares form of the energy (see
-    `pcjax._least_squares`) by `cg_steps` iterations of lineax's matrix-free conjugate
+    $J^\top J\, \delta = -J^\top r$ for the least-squares form of the energy
+    (residuals $\sqrt{P}\, e$) by `cg_steps` iterations of lineax's matrix-free conjugate
     gradients and takes the full step $x \leftarrow x + \delta$.
 
     On a linear-Gaussian network (linear predictions) the energy is quadratic in the states
@@ -217,8 +217,25 @@ class GaussNewton(_LeastSquares):
     products (2 each, `cg_steps + 1` of them: CG's initial residual included), i.e.
     $2\,\text{cg\_steps} + 4$, and the caller's final evaluation.
 
+    **Returns:** a solver for [pcjax.infer][] and the learning rules ([pcjax.Equilibrium][],
+    [pcjax.Amortised][]).
+
     **Raises:** `ValueError` for `steps` or `cg_steps` not a positive int, a negative or
     non-finite `rtol`/`atol`, and (when run) for energies without a least-squares form.
+
+    **Example** ([setup][examples-setup]): on a linear network one step is the equilibrium.
+
+    ```pycon
+    >>> def linear(params, x):
+    ...     h = pc.node("h", x @ params["w1"])
+    ...     return pc.node("y", h @ params["w2"])
+    >>> start = {"h": pc.forward_init(linear, params, x)["h"]}
+    >>> solver = pc.GaussNewton(1, cg_steps=8)
+    >>> states, info = pc.infer(linear, params, start, x, {"y": y}, solver=solver)
+    >>> int(info.steps), bool(info.converged)
+    (1, True)
+
+    ```
     """
 
     def _optimistix(self, linear_solver):
@@ -250,7 +267,25 @@ class LevenbergMarquardt(_LeastSquares):
     proposal is kept only if it lowers the energy (one more forward evaluation at the end).
     `InferInfo.steps` counts rejected steps too.
 
-    **Raises:** as `pcjax.GaussNewton`.
+    **Arguments:** those of [pcjax.GaussNewton][].
+
+    **Returns:** a solver for [pcjax.infer][] and the learning rules.
+
+    **Raises:** as [pcjax.GaussNewton][].
+
+    **Example** ([setup][examples-setup]): an output precision of 900, where gradient
+    descent with a step of 0.1 diverges.
+
+    ```pycon
+    >>> start = {"h": pc.forward_init(fn, params, x)["h"]}
+    >>> solver = pc.LevenbergMarquardt(20, cg_steps=8)
+    >>> states, info = pc.infer(
+    ...     fn, params, start, x, {"y": y}, solver=solver, precision={"y": 900.0}
+    ... )
+    >>> bool(info.converged), bool(info.energy_rose)
+    (True, False)
+
+    ```
     """
 
     def _optimistix(self, linear_solver):

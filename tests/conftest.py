@@ -18,6 +18,7 @@ accept/reject decisions) then fail; the suite tests the optimised programs users
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -92,6 +93,24 @@ def pytest_configure(config):
         jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@contextlib.contextmanager
+def cheap_compiles():
+    """Compile without XLA's optimisations inside the block (for compile-bound checks whose
+    assertions do not sit near float32 rounding), then drop every program compiled meanwhile
+    from this process's caches: eager operations and jitted functions are cached without the
+    flag in their key, and later tests would otherwise run those unoptimised programs, which
+    round differently (seen: the guarded-fallback example of the precisions how-to printed 2
+    skipped steps instead of 0 after the API examples had run in the same worker). The disk
+    cache keys by the compile options, so it keeps both kinds apart."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+        jax.clear_caches()
 
 
 def pytest_unconfigure(config):

@@ -24,8 +24,8 @@ import inspect
 import re
 from pathlib import Path
 
-import jax
 import pytest
+from conftest import cheap_compiles
 
 import pcjax
 import pcjax.datasets
@@ -80,10 +80,8 @@ def fast_compiles():
     """Compile without XLA's optimisations while the examples run: they are tiny, so what
     they cost is compiling (eager dispatch compiles each new primitive and shape), and this
     cuts it by about a third (measured: 52 -> 34 s of CPU time for the whole file)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    with cheap_compiles():
+        yield
 
 
 @pytest.fixture(scope="module")

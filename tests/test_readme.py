@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import jax
+from conftest import cheap_compiles
 
 
 def test_readme_example_runs(capsys):
@@ -15,13 +15,9 @@ def test_readme_example_runs(capsys):
     namespace = {}  # the blocks continue one another, as in a notebook
     # The walkthrough is compile-bound (many small functions, each compiled once): XLA's cheaper
     # compiles take 36 s of CPU time instead of 46 s (measured); the checks are the same.
-    optimized = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
+    with cheap_compiles():
         for code in blocks:
             exec(compile(code, "README.md", "exec"), namespace)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", optimized)
     out = capsys.readouterr().out
     accuracy = float(re.search(r"train accuracy: ([0-9.]+)", out).group(1))
     assert accuracy > 0.9
