@@ -195,6 +195,8 @@ def cross_entropy(state: Array, logits: Array) -> Array:
 
     **Returns:** the scalar energy, summed over the batch.
 
+    **Raises:** nothing of its own (JAX's error for shapes that do not broadcast).
+
     **Example** ([setup][examples-setup]): a classifier whose label node takes this
     energy.
 

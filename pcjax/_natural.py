@@ -64,6 +64,9 @@ class KroneckerFactors(eqx.Module):
     **Fields:** `inputs`, `outputs`, `transposed` (default False), `stacked` (default 0), as
     above.
 
+    **Raises:** nothing: a record of the statistics, built by [pcjax.fisher_statistics][]; its
+    fields are not checked.
+
     **Example** ([setup][examples-setup]): the factors of `w2`, from
     [pcjax.fisher_statistics][].
 
@@ -105,6 +108,9 @@ class FisherOperator(eqx.Module):
     node precisions), `batch_size` ($B$), `covered` (above). Made by
     [pcjax.fisher_statistics][]`(..., mode="matrix_free")`; call it on a pytree like the
     parameters' floating-point leaves.
+
+    **Raises:** nothing when built; called on a tree that does not match the parameters'
+    floating-point leaves, JAX's shape errors.
 
     **Example** ([setup][examples-setup]):
 
@@ -229,6 +235,9 @@ def fisher_mask(fn: Callable[..., Any] | EnergyModel, params: Any, x: Any) -> An
     - `fn`: the tagged forward function (or an energy transformation of it).
     - `params`: its parameters.
     - `x`: an input of `fn` (only its shapes and dtypes matter).
+
+    **Raises:** `TypeError` if `fn` is neither a tagged forward function nor an energy
+    transformation of one.
 
     **Example** ([setup][examples-setup]): `w1`'s output passes through `tanh` before it is
     tagged, so it is not a dense layer of a node; `w2`'s output is the node `y`.

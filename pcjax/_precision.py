@@ -83,6 +83,8 @@ class Precision(eqx.Module):
     - `floor`: the lower bound $f \ge 0$ that $P$ stays above ($P - f I$ is positive
       definite); a static field.
 
+    **Raises:** `NotImplementedError` from a method that a subclass does not implement.
+
     **Example:** every module weighs errors by $P$ and solves with $P^{-1}$.
 
     ```pycon

@@ -40,6 +40,8 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -
     **Returns:** a `jax.sharding.Mesh` of shape `(len(devices),)`, for [pcjax.shard_batch][]
     and [pcjax.replicate][].
 
+    **Raises:** nothing of its own (JAX's error for devices that do not form a mesh).
+
     **Example** ([setup][examples-setup]):
 
     ```pycon
@@ -103,6 +105,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     - `mesh`: the mesh, e.g. from [pcjax.data_mesh][].
 
     **Returns:** the tree with every array replicated over the mesh.
+
+    **Raises:** nothing of its own (JAX's `device_put` errors).
 
     **Example** ([setup][examples-setup]):
 

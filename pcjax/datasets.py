@@ -94,6 +94,8 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
     **Returns:** the folder, a `pathlib.Path` (it need not exist).
 
+    **Raises:** nothing.
+
     **Example:**
 
     ```pycon
@@ -463,6 +465,8 @@ def synthetic_images(
     - `seed`: the seed of the templates and the images; default 0.
 
     **Returns:** a [pcjax.datasets.Dataset][].
+
+    **Raises:** nothing of its own.
 
     **Example:**
 

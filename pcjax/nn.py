@@ -156,6 +156,8 @@ class Linear(eqx.nn.Linear):
     - `use_bias`: whether to add a (zero-initialised) bias; default True.
     - `dtype`: the parameters' floating-point dtype; default None (JAX's default float).
 
+    **Raises:** nothing of its own (equinox's `nn.Linear` errors).
+
     **Example:**
 
     ```pycon
@@ -261,6 +263,8 @@ def max_pool(x: Array, size: int = 2) -> Array:
 
     **Returns:** the pooled images, `(H // size, W // size, C)` (batch first for a batch).
 
+    **Raises:** nothing of its own.
+
     **Example:**
 
     ```pycon
@@ -286,6 +290,8 @@ def layer_norm(x: Array, eps: float = 1e-5) -> Array:
     - `eps`: added to the variance; default 1e-5.
 
     **Returns:** an array of the shape of `x`.
+
+    **Raises:** nothing of its own.
 
     **Example:**
 

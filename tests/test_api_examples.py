@@ -41,7 +41,10 @@ METHODS = ("FullPrecision.matrix", "DiagonalPrecision.values", "ScalarPrecision.
 
 # Sections a name need not have, and why.
 EXEMPT = {
-    "pcjax.nn": ({"arguments", "returns"}, "a module: its entries document their arguments"),
+    "pcjax.nn": (
+        {"arguments", "returns", "raises"},
+        "a module: its entries document their arguments and errors",
+    ),
     "pcjax.datasets.DatasetUnavailableError": (
         {"arguments", "returns"},
         "an exception pcjax raises, not one users construct",
@@ -121,6 +124,7 @@ def sections(doc: str) -> set[str]:
     for key, pattern in {
         "arguments": r"\*\*(Arguments|Main arguments|Fields)\b",
         "returns": r"\*\*Returns\b",
+        "raises": r"\*\*Raises\b",
         "example": r"\*\*Examples?\b",
     }.items():
         if re.search(pattern, doc):
@@ -132,10 +136,14 @@ def sections(doc: str) -> set[str]:
 
 def required(name: str, obj: object) -> set[str]:
     """The sections a public name must have: an argument list (unless it takes none), what it
-    returns (a class: what its instances are is its description), and an example."""
-    need = {"arguments", "returns", "example"}
+    returns (a class: what its instances are is its description), what it raises (not for the
+    result records pcjax returns, NamedTuples whose construction checks nothing, nor for
+    exceptions), and an example."""
+    need = {"arguments", "returns", "raises", "example"}
     if inspect.isclass(obj):
         need.discard("returns")
+        if issubclass(obj, (tuple, BaseException)):
+            need.discard("raises")
     try:
         parameters = inspect.signature(obj).parameters
     except (TypeError, ValueError):  # a module, or a class without a Python signature
@@ -146,7 +154,7 @@ def required(name: str, obj: object) -> set[str]:
     return need - exempt
 
 
-def test_every_public_name_documents_arguments_returns_and_an_example():
+def test_every_public_name_documents_arguments_returns_raises_and_an_example():
     missing = {}
     for name, obj in sorted(OBJECTS.items()):
         lacking = required(name, obj) - sections(inspect.getdoc(obj) or "")
