@@ -616,6 +616,13 @@ def render_equilibrium_targets(document: dict[str, Any], view: str | None = None
         f"`pc.Backtracking({c['reference_steps']}, step_size=1.0)` relaxed further from the "
         "same states (energy: the relative energy gap)."
     )
+    for added in c.get("added_rows", []):  # rows measured by a later run of a few solvers
+        env = added["environment"]
+        extra += (
+            f" Rows {', '.join(added['solvers'])} on {', '.join(added['cases'])} only: a later "
+            f"run, `{added['command']}` ({env['date']}, load average at start "
+            f"{env['load_average'][0]:.2f})."
+        )
     summary = (
         f"**Goal: every case within {goal} gradient evaluations.** "
         + ("Rows that meet it: " + "; ".join(meeting) + ". " if meeting else "No row meets it. ")

@@ -367,6 +367,7 @@ def baseline_optimizer(case: Case) -> optax.GradientTransformation:
 
 
 CG_ITERATIONS = 10  # per Newton round
+LS_CG = 10  # CG iterations per Gauss-Newton / Levenberg-Marquardt step
 ODE_PER_STEP = 3  # Heun: two stages (FSAL: one new) + the steady-state check, about
 
 
@@ -404,6 +405,16 @@ SOLVERS: list[SolverSpec] = [
         lambda cap: max((cap - 1) // (2 * CG_ITERATIONS + 1), 1),
         trace_rounds,
         evaluations=_cg_evaluations,
+    ),
+    SolverSpec(
+        f"GaussNewton ({LS_CG} CG per step)",
+        lambda case, n, s: pc.GaussNewton(n, cg_steps=LS_CG),
+        lambda cap: max((cap - 2) // (2 * LS_CG + 4), 1),
+    ),
+    SolverSpec(
+        f"LevenbergMarquardt ({LS_CG} CG per step)",
+        lambda case, n, s: pc.LevenbergMarquardt(n, cg_steps=LS_CG),
+        lambda cap: max((cap - 3) // (2 * LS_CG + 5), 1),
     ),
     SolverSpec(
         "ODE (Heun, dtmax 0.5)",
