@@ -35,13 +35,24 @@ def test_offline_fallback_trains_and_reports(tmp_path, capsys):
             "64",
             "--lr",
             "3e-3",
+            "--certify",
         ]
     )
     captured = capsys.readouterr()
     assert "UCI handwritten digits" in captured.err
-    assert re.search(r"epoch 3/3 \| PC: train .* \| backprop: train", captured.out)
+    assert re.search(r"epoch 3/3 \| PC: train .* equilibrium [0-9.e-]+\) \| backprop", captured.out)
     assert f"test accuracy: {accuracy:.4f}" in captured.out.splitlines()[-1]
     assert accuracy > 0.85
+    # --certify: the demo's T=4 inference against a certified reference (measured: the
+    # reference at 1.9e-6 of its start, the demo's gradient 62.5% from the reference's).
+    found = re.search(
+        r"ends at ([0-9.e-]+) of .* gradient is ([0-9.]+)% from .* certificate ([0-9.e-]+)\)",
+        captured.out,
+    )
+    assert found is not None, captured.out
+    own, gap, reference = (float(v) for v in found.groups())
+    assert reference <= 1e-3 < own  # the reference is at equilibrium, 4 steps are not
+    assert 0 < gap < 1000
 
 
 def test_fast_preset_trains(tmp_path, capsys):
